@@ -85,8 +85,9 @@ def group_by_seed(configs: Iterable[TrainConfig]) -> list[list[TrainConfig]]:
 class DataCache:
     """Datasets and loaders shared by the groups of a sweep, each loaded once."""
 
-    def __init__(self, data_root: str | Path):
+    def __init__(self, data_root: str | Path, *, progress: bool = True):
         self.data_root = Path(data_root)
+        self.progress = progress
         self._datasets: dict[DatasetConfig, Any] = {}
 
     def dataset(self, config: TrainConfig):
@@ -99,7 +100,9 @@ class DataCache:
             frames=(config.input_frame, config.target_frame),
         )
         if dataset_config not in self._datasets:
-            self._datasets[dataset_config] = load_or_generate(dataset_config, root=self.data_root)
+            self._datasets[dataset_config] = load_or_generate(
+                dataset_config, root=self.data_root, progress=self.progress
+            )
         return self._datasets[dataset_config]
 
     def loader(self, config: TrainConfig, split: str) -> GraphLoader:
@@ -168,7 +171,7 @@ def train_seed_group(
         raise ValueError("train_seed_group needs configs that differ only in seed; pass mixed configs to run_sweep")
     for config in configs:
         config.validate()
-    data = data if data is not None else DataCache(data_root)
+    data = data if data is not None else DataCache(data_root, progress=progress)
     config = configs[0]
 
     runs: list[_SeedRun | None] = []
@@ -502,7 +505,7 @@ def run_sweep(
     if skipped:
         log.info("Skipping %d of %d configs whose runs already ended", skipped, len(configs))
 
-    data = DataCache(data_root)
+    data = DataCache(data_root, progress=progress)
     bar = tqdm(total=len(configs), initial=skipped, desc="configs", disable=not progress, unit="config")
     try:
         for group in todo:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -73,15 +74,8 @@ def test_vmapped_seeds_match_separate_runs(data_root, separate_runs, tmp_path):
         for name in ("config.json", "metrics.jsonl", "summary.json", "best_params.msgpack", "loss_curves.png"):
             assert (run_dir / name).is_file(), name
         assert RunDirectory(run_dir).read_config() == config
-
-
-def test_vmapped_seeds_differ_from_each_other(data_root, tmp_path):
-    configs = tiny_configs(epochs=1)
-
-    sweep.train_seed_group(configs, [tmp_path / "a", tmp_path / "b"], data_root=data_root, progress=False)
-
-    first, second = (read_metrics(tmp_path / name)[0]["train_mse"] for name in ("a", "b"))
-    assert first != second
+    first, second = (read_metrics(run_dir)[0]["train_mse"] for run_dir in run_dirs)
+    assert first != second, "seeds must get their own init and shuffle order"
 
 
 def test_diverged_seed_stops_while_others_continue(data_root, separate_runs, tmp_path, monkeypatch, allow_nans):
@@ -144,9 +138,17 @@ def test_stack_graphs_rejects_different_structures():
         sweep.stack_graphs([batch(3), batch(2)])
 
 
-def test_run_sweep_skips_finished_configs(data_root, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def finished_sweep(data_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    results = sweep.run_sweep(tiny_configs(epochs=1), root=root, data_root=data_root, progress=False)
+    return root, results
+
+
+def test_run_sweep_skips_finished_configs(data_root, finished_sweep, tmp_path, monkeypatch):
     configs = tiny_configs(epochs=1)
-    first = sweep.run_sweep(configs, root=tmp_path, data_root=data_root, progress=False)
+    shutil.copytree(finished_sweep[0], tmp_path, dirs_exist_ok=True)
+    first = finished_sweep[1]
     assert [result.summary["status"] for result in first] == ["finished", "finished"]
 
     def fail(*args, **kwargs):
@@ -158,9 +160,9 @@ def test_run_sweep_skips_finished_configs(data_root, tmp_path, monkeypatch):
     assert [result.summary for result in second] == [result.summary for result in first]
 
 
-def test_run_sweep_trains_only_unfinished_seed(data_root, tmp_path, monkeypatch):
+def test_run_sweep_trains_only_unfinished_seed(data_root, finished_sweep, tmp_path, monkeypatch):
     configs = tiny_configs(epochs=1)
-    sweep.run_sweep(configs, root=tmp_path, data_root=data_root, progress=False)
+    shutil.copytree(finished_sweep[0], tmp_path, dirs_exist_ok=True)
     unfinished = RunDirectory(sweep.default_run_dir(configs[1], tmp_path))
     summary = unfinished.read_summary()
     unfinished.write_summary({**summary, "status": "interrupted at epoch 0"})
