@@ -83,7 +83,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         num_graphs = graphs.graph_mask(graph).sum()
-        return params, opt_state, StepMetrics(loss, optax.global_norm(grads), num_graphs)
+        return params, opt_state, StepMetrics(loss, optax.tree.norm(grads), num_graphs)
 
     return train_step
 

@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from geonorm_jax import graphs, train, training
@@ -203,12 +204,14 @@ def test_main_rejects_run_dir_of_other_config(data_root, tmp_path, capsys):
 
 
 def test_optimizer_adds_weight_decay_to_gradient():
-    config = make_config("tiny", weight_decay=0.5, learning_rate=1.0)
+    config = make_config("tiny", weight_decay=0.5, learning_rate=0.1)
     optimizer = training.make_optimizer(config)
-    params = {"w": jnp.array([2.0])}
-    grads = {"w": jnp.array([0.0])}
+    adam = optax.adam(0.1)
+    params = {"w": jnp.array([2.0, -3.0])}
+    grads = {"w": jnp.array([0.3, 0.4])}
+    decayed = {"w": grads["w"] + 0.5 * params["w"]}
 
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    expected, _ = adam.update(decayed, adam.init(params), params)
 
-    # Adam's first step moves by -lr * sign(g + wd * w) = -1 when g + wd * w > 0.
-    np.testing.assert_allclose(updates["w"], [-1.0], rtol=1e-6)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
