@@ -39,6 +39,7 @@ from geonorm_jax.dataset import DatasetConfig, load_or_generate
 from geonorm_jax.loader import GraphLoader
 from geonorm_jax.plots import plot_loss_curves
 from geonorm_jax.rundir import RunDirectory, RunDirectoryError
+from geonorm_jax.simulation import DEFAULT_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def baseline_mse(split, frames: Sequence[int], config: TrainConfig) -> dict[str,
     x = split.x[:, input_index]  # [S, N, 3]
     v = split.v[:, input_index]
     target = split.x[:, target_index]
-    delta_t = (config.target_frame - config.input_frame) * FRAME_INTERVAL
+    frame_interval = DEFAULT_PARAMS.sample_every * DEFAULT_PARAMS.dt
+    delta_t = (config.target_frame - config.input_frame) * frame_interval
     return {
         "no_motion": float(np.mean((x - target) ** 2)),
         "constant_velocity": float(np.mean((x + v * delta_t - target) ** 2)),
@@ -229,10 +231,6 @@ def run_training(
         raise
 
     return _finish(directory, config, metrics, meta, baselines, status, started)
-
-
-# Time between two saved frames: 100 integrator steps of dt = 0.001.
-FRAME_INTERVAL = 0.1
 
 
 def _train_epoch(train_step, params, opt_state, batches, num_batches, epoch, config, progress):
