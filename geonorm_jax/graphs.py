@@ -163,12 +163,18 @@ def dense_shape(graph: jraph.GraphsTuple) -> tuple[int, int] | None:
 
 def node_mask(graph: jraph.GraphsTuple) -> jax.Array:
     """Return a bool ``[n_node_total]`` mask, True on nodes of real graphs. Jit-able."""
-    return jraph.get_node_padding_mask(graph)
+    return jraph.get_node_padding_mask(_with_jax_counts(graph))
 
 
 def graph_mask(graph: jraph.GraphsTuple) -> jax.Array:
     """Return a bool ``[n_graph]`` mask, True on real graphs. Jit-able."""
-    return jraph.get_graph_padding_mask(graph)
+    return jraph.get_graph_padding_mask(_with_jax_counts(graph))
+
+
+def _with_jax_counts(graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
+    # jraph indexes n_node with traced values; on a numpy n_node captured as a
+    # jit constant that raises TracerArrayConversionError.
+    return graph._replace(n_node=jnp.asarray(graph.n_node), n_edge=jnp.asarray(graph.n_edge))
 
 
 def per_graph_mse(prediction: jax.Array, target: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
