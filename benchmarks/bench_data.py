@@ -55,7 +55,8 @@ def measure_data_generation(sizes=(5, 20, 50, 100), chunks: int = 2, repeats: in
     Returns:
       ``{"machine": machine_info(), "results": [...]}`` with one dict per N:
       ``n_particles``, ``chunk_size``, ``n_simulations``, ``seconds`` (wall),
-      ``cpu_seconds`` (process CPU time of that run), ``simulations_per_second``,
+      ``cpu_seconds`` (process CPU time of that run), ``simulations_per_second``
+      (wall), ``simulations_per_cpu_second``,
       ``reference_simulations_per_second`` and ``speedup`` (None where no
       reference figure exists), and ``target_speedup``.
     """
@@ -86,6 +87,7 @@ def measure_data_generation(sizes=(5, 20, 50, 100), chunks: int = 2, repeats: in
                 "seconds": best_seconds,
                 "cpu_seconds": best_cpu_seconds,
                 "simulations_per_second": rate,
+                "simulations_per_cpu_second": n_simulations / best_cpu_seconds,
                 "reference_simulations_per_second": None if reference_seconds is None else 1.0 / reference_seconds,
                 "speedup": None if reference_seconds is None else rate * reference_seconds,
                 "target_speedup": TARGET_SPEEDUP,
@@ -101,8 +103,8 @@ def format_report(report: dict) -> str:
         f"machine: {machine['cpu']}, {machine['cores']} cores, load average {machine['load_average_1min']:.2f}, "
         f"jax {machine['jax']}, backend {machine['backend']}",
         "",
-        "| N | chunk | sims timed | wall s | CPU s | sims/s | reference sims/s | speedup | target |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| N | chunk | sims timed | wall s | CPU s | sims/s | sims/CPU-s | reference sims/s | speedup | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
         reference = row["reference_simulations_per_second"]
@@ -110,6 +112,7 @@ def format_report(report: dict) -> str:
         lines.append(
             f"| {row['n_particles']} | {row['chunk_size']} | {row['n_simulations']} | {row['seconds']:.2f} | "
             f"{row['cpu_seconds']:.2f} | {row['simulations_per_second']:.1f} | "
+            f"{row['simulations_per_cpu_second']:.1f} | "
             f"{'-' if reference is None else f'{reference:.1f}'} | {'-' if speedup is None else f'{speedup:.1f}x'} | "
             f"{row['target_speedup']:.0f}x |"
         )
