@@ -176,9 +176,9 @@ def _trajectory_channel_first(x, v, charges, n_frames: int, params: PhysicsParam
 # NOTE: XLA's CPU backend (jax 0.10.2) routes the force kernel to its
 # experimental YNNPACK fusion. In a micro-benchmark of 500 steps at N=100 on a
 # 2-core AMD EPYC, that fusion was about 1.5x slower than the default loop
-# emitter. The
-# option is scoped to the simulator's jitted functions and is a no-op on
-# other backends. A jaxlib without this debug option rejects it at compile time.
+# emitter. The option applies only to the simulator's jitted functions. It
+# names a CPU debug option, so other backends should ignore it, but that is
+# untested. A jaxlib without this debug option rejects it at compile time.
 _COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

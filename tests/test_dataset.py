@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -25,8 +26,6 @@ def stored_root(tmp_path_factory):
 @pytest.fixture
 def damaged_copy(stored_root, tmp_path):
     """A private copy of the stored SMALL dataset that a test may damage."""
-    import shutil
-
     root = tmp_path / "data"
     shutil.copytree(stored_root, root)
     return root, root / SMALL.name
