@@ -11,25 +11,21 @@ import sys
 from geonorm_jax import experiments
 
 
-def _int_list(text):
-    return tuple(int(item) for item in text.split(","))
-
-
 def main(argv=None) -> int:
     parser = experiments.build_parser("figure2", __doc__.splitlines()[0])
     axes = experiments.Figure2Axes()
     group = parser.add_argument_group("grid axes (comma-separated lists)")
-    group.add_argument("--depths", type=_int_list, help=f"EGNN depths of the depth panels (default {axes.depths})")
-    group.add_argument("--depth-panel-n", type=_int_list,
+    group.add_argument("--depths", type=experiments.int_list, help=f"EGNN depths of the depth panels (default {axes.depths})")
+    group.add_argument("--depth-panel-n", type=experiments.int_list,
                        help=f"system sizes N with one depth panel each (default {axes.depth_panel_n})")
-    group.add_argument("--size-panel-n", type=_int_list,
+    group.add_argument("--size-panel-n", type=experiments.int_list,
                        help=f"system sizes N of the size panel (default {axes.size_panel_n})")
     group.add_argument("--size-panel-depth", type=int,
                        help=f"EGNN depth of the size panel (default {axes.size_panel_depth})")
-    group.add_argument("--seeds", type=_int_list, help=f"seeds (default {axes.seeds})")
+    group.add_argument("--seeds", type=experiments.int_list, help=f"seeds (default {axes.seeds})")
     group.add_argument("--lr", type=float, help=f"Adam learning rate (default {axes.learning_rate:g})")
     args = parser.parse_args(argv)
-    experiments.configure_logging()
+    experiments.configure_script()
 
     flags = {
         "depths": args.depths,
@@ -52,6 +48,9 @@ def main(argv=None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
+    except KeyboardInterrupt:
+        print("Interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
     for name, path in outputs.items():
         print(f"{name}: {path}")
     return 0

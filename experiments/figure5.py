@@ -3,7 +3,7 @@
 For each system size N and depth, trains every model of ``--models`` for
 every seed and learning rate (the seeds of one model vmapped together), and
 draws one PNG per (N, depth) with one panel per (learning rate, seed).
-GeoNorm as in the paper is the red curve, our GeoNorm modes are dashed.
+GeoNorm of Meng et al. (2024) is the red curve, and our GeoNorm modes are dashed.
 Output: ``figure5_N{n}_L{layers}.png``, ``figure5_runs.md`` / ``.csv`` and
 ``runs/`` under ``--out``.
 """
@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     parser = experiments.build_parser("figure5", __doc__.splitlines()[0])
     experiments.add_axis_arguments(parser, experiments.AXES["cpu"]["figure5"])
     args = parser.parse_args(argv)
-    experiments.configure_logging()
+    experiments.configure_script()
 
     try:
         outputs = experiments.run_figure5(
@@ -31,6 +31,9 @@ def main(argv=None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
+    except KeyboardInterrupt:
+        print("Interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
     for name, path in outputs.items():
         print(f"{name}: {path}")
     return 0

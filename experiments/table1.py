@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     parser = experiments.build_parser("table1", __doc__.splitlines()[0])
     experiments.add_axis_arguments(parser, experiments.AXES["cpu"]["table1"])
     args = parser.parse_args(argv)
-    experiments.configure_logging()
+    experiments.configure_script()
 
     try:
         outputs = experiments.run_table1(
@@ -32,6 +32,9 @@ def main(argv=None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
+    except KeyboardInterrupt:
+        print("Interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
     for name, path in outputs.items():
         print(f"{name}: {path}")
     return 0

@@ -9,7 +9,7 @@ Each experiment writes under its output directory:
 * its figures (PNG) and tables (Markdown and CSV).
 
 Sizes: ``SIZES["cpu"]`` (the default) shrinks the data, the epochs and some
-axes so that each experiment runs in minutes on a laptop-class CPU;
+axes so that each experiment runs in minutes on a 2-core CPU.
 ``SIZES["full"]`` is the published scale (3,000 training simulations, 1,000
 epochs, batch 50, every axis value), meant for a GPU. The axes of the grids
 stay those of the paper, with fewer values in the CPU size.
@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -387,15 +388,24 @@ def _model_name(config: TrainConfig) -> str:
 # --- Command line -------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(item) for item in text.split(","))
+def int_list(text: str) -> tuple[int, ...]:
+    """Parse a comma-separated list of integers, e.g. ``"30,40"`` (an argparse type)."""
+    try:
+        return tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 30,40, got {text!r}") from None
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    return tuple(float(item) for item in text.split(","))
+def float_list(text: str) -> tuple[float, ...]:
+    """Parse a comma-separated list of numbers, e.g. ``"5e-3,5e-4"`` (an argparse type)."""
+    try:
+        return tuple(float(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 5e-3,5e-4, got {text!r}") from None
 
 
-def _name_list(text: str) -> tuple[str, ...]:
+def name_list(text: str) -> tuple[str, ...]:
+    """Parse a comma-separated list of names (an argparse type)."""
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
@@ -428,11 +438,11 @@ def build_parser(name: str, description: str) -> argparse.ArgumentParser:
 def add_axis_arguments(parser: argparse.ArgumentParser, axes: Axes) -> None:
     """Add the grid axes of Figure 5 and Table 1 as comma-separated list flags."""
     group = parser.add_argument_group("grid axes (comma-separated lists)")
-    group.add_argument("--n-particles", type=_int_list, help=f"system sizes N (CPU default {_join(axes.n_particles)})")
-    group.add_argument("--layers", type=_int_list, help=f"EGNN depths (CPU default {_join(axes.num_layers)})")
-    group.add_argument("--seeds", type=_int_list, help=f"seeds (CPU default {_join(axes.seeds)})")
-    group.add_argument("--lr", type=_float_list, help=f"learning rates (CPU default {_join(axes.learning_rates)})")
-    group.add_argument("--models", type=_name_list,
+    group.add_argument("--n-particles", type=int_list, help=f"system sizes N (CPU default {_join(axes.n_particles)})")
+    group.add_argument("--layers", type=int_list, help=f"EGNN depths (CPU default {_join(axes.num_layers)})")
+    group.add_argument("--seeds", type=int_list, help=f"seeds (CPU default {_join(axes.seeds)})")
+    group.add_argument("--lr", type=float_list, help=f"learning rates (CPU default {_join(axes.learning_rates)})")
+    group.add_argument("--models", type=name_list,
                        help=f"models among {', '.join(MODELS)} (default {_join(axes.models)})")
 
 
@@ -465,5 +475,11 @@ def extra_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"divergence_bound": args.divergence_bound} if args.divergence_bound is not None else {}
 
 
-def configure_logging() -> None:
+def configure_script() -> None:
+    """Set up INFO logging, and make SIGTERM stop a script like Ctrl-C, with resumable summaries."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -45,7 +45,7 @@ from geonorm_jax.config import TrainConfig
 from geonorm_jax.dataset import DatasetConfig, load_or_generate
 from geonorm_jax.loader import GraphLoader
 from geonorm_jax.plots import plot_loss_curves
-from geonorm_jax.rundir import RunDirectory, is_complete
+from geonorm_jax.rundir import RunDirectory, RunDirectoryError, is_complete
 from geonorm_jax.train import baseline_mse, default_run_dir
 
 log = logging.getLogger(__name__)
@@ -455,6 +455,25 @@ def _describe(config: TrainConfig) -> str:
     return default_run_dir(config, root="").name.rsplit("_seed", 1)[0]
 
 
+def _check_run_dirs(configs: Sequence[TrainConfig], run_dirs: dict[int, Path]) -> None:
+    """Raise before any training when a run directory contains another config."""
+    for config in configs:
+        directory = RunDirectory(run_dirs[id(config)])
+        if not directory.config_path.exists():
+            continue
+        stored = directory.read_config()
+        if stored != config:
+            differences = ", ".join(
+                f"{name}: stored {value!r}, requested {getattr(config, name)!r}"
+                for name, value in stored.to_dict().items()
+                if getattr(config, name) != value
+            )
+            raise RunDirectoryError(
+                f"{directory.path} contains a run of another config ({differences}); choose another "
+                "output directory for this sweep, or delete that run directory to train it again"
+            )
+
+
 def run_sweep(
     configs: Sequence[TrainConfig],
     run_dir_fn: RunDirFn | None = None,
@@ -481,7 +500,8 @@ def run_sweep(
 
     Raises:
       ValueError: a repeated config, an invalid one, or a run directory that
-        contains another config.
+        contains another config (checked before any training starts).
+      KeyboardInterrupt: after the interrupted seeds wrote their summaries.
     """
     if run_dir_fn is None:
         run_dir_fn = lambda config: default_run_dir(config, root)  # noqa: E731
@@ -490,6 +510,7 @@ def run_sweep(
     run_dirs = {id(config): Path(run_dir_fn(config)) for config in configs}
     results: dict[int, RunResult] = {}
 
+    _check_run_dirs(configs, run_dirs)
     todo = []
     for group in groups:
         remaining = []
