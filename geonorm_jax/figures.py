@@ -63,9 +63,9 @@ def model_color(config: TrainConfig) -> str:
 class Curve:
     """One run's training MSE per epoch, ready to draw.
 
-    ``values`` holds the finite training MSEs (epochs in ``epochs``);
+    ``values`` contains the finite training MSEs (epochs in ``epochs``).
     ``diverged_at`` is the epoch of divergence, or None for a run that did not
-    diverge.
+    diverge. ``planned_epochs`` is the run's configured number of epochs.
     """
 
     label: str
@@ -75,6 +75,7 @@ class Curve:
     linestyle: str = "-"
     diverged_at: int | None = None
     highlight: bool = False
+    planned_epochs: int | None = None
 
 
 def read_curve(run_dir: str | Path, label: str, **style: Any) -> Curve:
@@ -90,7 +91,8 @@ def read_curve(run_dir: str | Path, label: str, **style: Any) -> Curve:
     diverged_at = int(status.rsplit(" ", 1)[-1]) if status.startswith("diverged") else None
     epochs = [epoch for epoch, _ in points]
     values = [value for _, value in points]
-    return Curve(label, epochs, values, diverged_at=diverged_at, **style)
+    planned_epochs = directory.read_config().epochs if directory.config_path.exists() else None
+    return Curve(label, epochs, values, diverged_at=diverged_at, planned_epochs=planned_epochs, **style)
 
 
 def draw_curve(axis, curve: Curve) -> None:
@@ -101,8 +103,10 @@ def draw_curve(axis, curve: Curve) -> None:
     width = 2.0 if curve.highlight else 1.2
     zorder = 3 if curve.highlight else 2
     if curve.values:
+        # A single epoch draws no line segment, so it gets a dot.
+        marker = "o" if len(curve.values) == 1 else None
         axis.plot(curve.epochs, curve.values, curve.linestyle, color=curve.color, linewidth=width,
-                  label=label, zorder=zorder)
+                  marker=marker, markersize=4, label=label, zorder=zorder)
     if curve.diverged_at is None:
         return
     if curve.values:
@@ -141,6 +145,8 @@ def plot_panels(
         for curve in curves:
             draw_curve(axis, curve)
         axis.set_yscale("log")
+        last_epoch = max((curve.planned_epochs or max(curve.epochs, default=1) for curve in curves), default=1)
+        axis.set_xlim(0.5, max(last_epoch, 2) + 0.5)
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(ylabel)
