@@ -25,7 +25,6 @@ def main(argv=None) -> int:
     group.add_argument("--seeds", type=experiments.int_list, help=f"seeds (default {axes.seeds})")
     group.add_argument("--lr", type=float, help=f"Adam learning rate (default {axes.learning_rate:g})")
     args = parser.parse_args(argv)
-    experiments.configure_script()
 
     flags = {
         "depths": args.depths,
@@ -35,9 +34,10 @@ def main(argv=None) -> int:
         "seeds": args.seeds,
         "learning_rate": args.lr,
     }
-    try:
+
+    def run():
         axes = experiments.Figure2Axes(**{key: value for key, value in flags.items() if value is not None})
-        outputs = experiments.run_figure2(
+        return experiments.run_figure2(
             args.out,
             experiments.sizes_from_args("figure2", args),
             axes,
@@ -46,14 +46,8 @@ def main(argv=None) -> int:
             progress=not args.no_progress,
             checkpoints=not args.no_checkpoints,
         )
-    except ValueError as error:
-        parser.error(str(error))
-    except KeyboardInterrupt:
-        print("Interrupted; run the same command again to resume.", file=sys.stderr)
-        return 130
-    for name, path in outputs.items():
-        print(f"{name}: {path}")
-    return 0
+
+    return experiments.run_script(parser, run)
 
 
 if __name__ == "__main__":

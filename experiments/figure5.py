@@ -14,29 +14,7 @@ from geonorm_jax import experiments
 
 
 def main(argv=None) -> int:
-    parser = experiments.build_parser("figure5", __doc__.splitlines()[0])
-    experiments.add_axis_arguments(parser, experiments.AXES["cpu"]["figure5"])
-    args = parser.parse_args(argv)
-    experiments.configure_script()
-
-    try:
-        outputs = experiments.run_figure5(
-            args.out,
-            experiments.sizes_from_args("figure5", args),
-            experiments.axes_from_args("figure5", args),
-            overrides=experiments.extra_overrides(args),
-            data_root=args.data_root,
-            progress=not args.no_progress,
-            checkpoints=not args.no_checkpoints,
-        )
-    except ValueError as error:
-        parser.error(str(error))
-    except KeyboardInterrupt:
-        print("Interrupted; run the same command again to resume.", file=sys.stderr)
-        return 130
-    for name, path in outputs.items():
-        print(f"{name}: {path}")
-    return 0
+    return experiments.run_grid_script("figure5", argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ import dataclasses
 import json
 import logging
 import signal
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -473,6 +474,45 @@ def axes_from_args(name: str, args: argparse.Namespace) -> Axes:
 def extra_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Return config overrides of flags that are not sizes or axes."""
     return {"divergence_bound": args.divergence_bound} if args.divergence_bound is not None else {}
+
+
+def run_script(parser: argparse.ArgumentParser, run: Callable[[], dict[str, Path]]) -> int:
+    """Run an experiment for a script and print its outputs; return the exit code.
+
+    An invalid value (``ValueError``) becomes a usage error (exit 2), and
+    Ctrl-C or SIGTERM exit 130 after the runs saved their state.
+    """
+    configure_script()
+    try:
+        outputs = run()
+    except ValueError as error:
+        parser.error(str(error))
+    except KeyboardInterrupt:
+        print("Interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+    for name, path in outputs.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def run_grid_script(name: str, argv: Sequence[str] | None, description: str) -> int:
+    """Parse the flags of Figure 5 or Table 1 and run it; return the exit code."""
+    run = {"figure5": run_figure5, "table1": run_table1}[name]
+    parser = build_parser(name, description)
+    add_axis_arguments(parser, AXES["cpu"][name])
+    args = parser.parse_args(argv)
+    return run_script(
+        parser,
+        lambda: run(
+            args.out,
+            sizes_from_args(name, args),
+            axes_from_args(name, args),
+            overrides=extra_overrides(args),
+            data_root=args.data_root,
+            progress=not args.no_progress,
+            checkpoints=not args.no_checkpoints,
+        ),
+    )
 
 
 def configure_script() -> None:
