@@ -1,0 +1,223 @@
+"""Tests of the EGNN's dense path: agreement with the segment path, fallback, equivariance."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import pytest
+
+from geonorm_jax import egnn, equivariance, graphs
+
+N = 4
+NUM_SYSTEMS = 3
+BATCH_SIZE = 5  # two systems of padding in the dense view, plus the padding graph's extra node
+SMALL = dict(num_layers=2, hidden_dim=8, num_particles=N)
+# One system's [N, N, H] float32 pair array is 512 bytes, so this runs the
+# pair work in chunks of one system and exercises jax.lax.map and jax.checkpoint.
+ONE_SYSTEM_CHUNKS = 512
+
+CONFIGS = [
+    dict(norm="none"),
+    dict(norm="none", norm_diff=True, coords_tanh=True, h_layernorm=True, edge_input_distance=False),
+    dict(norm="layernorm", norm_mode="particle"),
+    dict(norm="layernorm", norm_mode="adaptive", norm_placement="every"),
+    dict(norm="scalenorm", norm_mode="shared", scalenorm_kind="rms"),
+    dict(norm="geonorm", norm_mode="particle", sigma="particle"),
+    dict(norm="geonorm", norm_mode="shared", sigma="system"),
+    dict(norm="geonorm", norm_mode="adaptive", sigma="particle", norm_placement="every", norm_diff=True),
+]
+
+
+def _config_id(config):
+    return "-".join(str(value) for value in config.values())
+
+
+def _batch(dtype=np.float32, num_systems=NUM_SYSTEMS, batch_size=BATCH_SIZE, seed=0):
+    rng = np.random.default_rng(seed)
+    x = 2.0 * rng.normal(size=(num_systems, N, 3))
+    v = 0.5 * rng.normal(size=(num_systems, N, 3))
+    charges = rng.choice([-1.0, 1.0], size=(num_systems, N))
+    target = x + v + 0.1 * rng.normal(size=x.shape)
+    return graphs.build_graphs(x, v, charges, target, batch_size=batch_size, dtype=dtype)
+
+
+def _random_params(model, graph, key):
+    """Draw random parameters in the model's pytree without compiling its init.
+
+    Kernels get N(0, 1/fan_in) entries. Every other leaf gets N(0, 0.2**2)
+    noise around 0, or around 1 for norm scales ``g``, so that every term of
+    the model acts, including the norm weights that init sets to zero.
+    """
+    shapes = jax.eval_shape(model.init, jax.random.key(0), graph)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+    values = []
+    for (path, shape), leaf_key in zip(leaves, keys):
+        noise = jax.random.normal(leaf_key, shape.shape, shape.dtype)
+        name = str(getattr(path[-1], "key", ""))
+        if name == "kernel" and len(shape.shape) == 2:
+            values.append(noise / np.sqrt(shape.shape[0]))
+        else:
+            values.append((1.0 if name == "g" else 0.0) + 0.2 * noise)
+    return treedef.unflatten(values)
+
+
+def _models(config, dtype=jnp.float32, chunk_bytes=ONE_SYSTEM_CHUNKS):
+    options = dict(param_dtype=dtype, **SMALL, **config)
+    dense = egnn.EGNN(message_passing="dense", chunk_bytes=chunk_bytes, **options)
+    segment = egnn.EGNN(message_passing="segment", **options)
+    return dense, segment
+
+
+def _output_loss_and_grad(model):
+    """Jit ``(params, graph) -> ((loss, output), grad)``: one compile per model."""
+
+    def loss(params, graph):
+        out = model.apply(params, graph)
+        return graphs.masked_mse(out, graph.nodes["target"], graph), out
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def _outputs_and_grads(config, dtype_name, chunk_bytes=ONE_SYSTEM_CHUNKS):
+    dtype = jnp.dtype(dtype_name)
+    graph = _batch(np.dtype(dtype_name))
+    dense, segment = _models(config, dtype, chunk_bytes)
+    params = _random_params(segment, graph, jax.random.key(1))
+    results = {}
+    for name, model in (("dense", dense), ("segment", segment)):
+        (loss, out), grad = _output_loss_and_grad(model)(params, graph)
+        results[name] = (np.asarray(out), float(loss), grad)
+    return results
+
+
+def _assert_paths_agree(results, rtol, atol):
+    n_real = NUM_SYSTEMS * N
+    dense_out, dense_loss, dense_grad = results["dense"]
+    segment_out, segment_loss, segment_grad = results["segment"]
+    scale = np.abs(segment_out[:n_real]).max()
+    np.testing.assert_allclose(dense_out[:n_real], segment_out[:n_real], rtol=rtol, atol=atol * scale)
+    np.testing.assert_allclose(dense_loss, segment_loss, rtol=rtol)
+    chex.assert_trees_all_equal_structs(dense_grad, segment_grad)
+    for path, dense_leaf in jax.tree_util.tree_leaves_with_path(dense_grad):
+        segment_leaf = np.asarray(functools.reduce(lambda tree, entry: tree[entry.key], path, segment_grad))
+        leaf_scale = max(np.abs(segment_leaf).max(), 1e-30)
+        np.testing.assert_allclose(
+            dense_leaf, segment_leaf, rtol=rtol, atol=atol * leaf_scale, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+# --- Parameters and layout ------------------------------------------------------------
+
+
+def test_edges_to_dense_matches_senders_and_receivers():
+    batch_size, n_particles = 2, 5
+    senders, receivers = graphs.fully_connected_edges(batch_size, n_particles)
+    values = np.arange(senders.size, dtype=np.float32)[:, None] + 1.0  # [e, 1], no zeros
+    dense = np.asarray(egnn.edges_to_dense(jnp.asarray(values), batch_size, n_particles))
+    chex.assert_shape(dense, (batch_size, n_particles, n_particles, 1))
+    graph_index = receivers // n_particles
+    np.testing.assert_array_equal(
+        dense[graph_index, receivers % n_particles, senders % n_particles, 0], values[:, 0]
+    )
+    diagonal = dense[:, np.arange(n_particles), np.arange(n_particles), 0]
+    np.testing.assert_array_equal(diagonal, 0.0)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[7]], ids=_config_id)
+def test_dense_init_equals_segment_init(config):
+    dense, segment = _models(config)
+    graph = _batch()
+    dense_params = jax.jit(dense.init)(jax.random.key(2), graph)
+    segment_params = jax.jit(segment.init)(jax.random.key(2), graph)
+    chex.assert_trees_all_equal(dense_params, segment_params)
+
+
+# --- Agreement of the two paths ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_dense_matches_segment_float32(config):
+    _assert_paths_agree(_outputs_and_grads(config, "float32"), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[5], CONFIGS[7]], ids=_config_id)
+def test_dense_matches_segment_float64(config):
+    with jax.enable_x64(True):
+        results = _outputs_and_grads(config, "float64")
+    _assert_paths_agree(results, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_unchunked_matches_segment():
+    results = _outputs_and_grads(CONFIGS[5], "float32", chunk_bytes=0)
+    _assert_paths_agree(results, rtol=2e-4, atol=2e-5)
+
+
+def test_dense_padding_outputs_finite():
+    dense, _ = _models(CONFIGS[5])
+    graph = _batch()
+    params = _random_params(dense, graph, jax.random.key(0))
+    out = jax.jit(dense.apply)(params, graph)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out[BATCH_SIZE * N :], graph.nodes["x"][BATCH_SIZE * N :])
+
+
+# --- Path selection ---------------------------------------------------------------------
+
+
+def _batch_without_dense_layout():
+    """The same systems padded to a budget that graphs.dense_shape does not recognize."""
+    graph = _batch(batch_size=NUM_SYSTEMS)
+    unpadded = jraph.unpad_with_graphs(graph)
+    return jraph.pad_with_graphs(unpadded, n_node=NUM_SYSTEMS * N + 3, n_edge=graph.senders.size + 2, n_graph=5)
+
+
+def test_auto_uses_dense_on_build_graphs_batch():
+    graph = _batch()
+    assert graphs.dense_shape(graph) == (BATCH_SIZE, N)
+    model = egnn.EGNN(**SMALL)
+    jaxpr = str(jax.make_jaxpr(model.init)(jax.random.key(0), graph))
+    assert "scatter-add" not in jaxpr
+
+
+def test_auto_falls_back_to_segment():
+    graph = _batch_without_dense_layout()
+    assert graphs.dense_shape(graph) is None
+    config = dict(norm="geonorm", norm_mode="shared")
+    auto = egnn.EGNN(num_layers=2, hidden_dim=8, **config)
+    segment = egnn.EGNN(num_layers=2, hidden_dim=8, message_passing="segment", **config)
+    params = _random_params(segment, graph, jax.random.key(0))
+    jaxpr = str(jax.make_jaxpr(auto.apply)(params, graph))
+    assert "scatter-add" in jaxpr
+    np.testing.assert_array_equal(jax.jit(auto.apply)(params, graph), jax.jit(segment.apply)(params, graph))
+
+
+def test_forced_dense_rejects_other_layout():
+    model = egnn.EGNN(num_layers=2, hidden_dim=8, message_passing="dense")
+    with pytest.raises(ValueError, match="message_passing='dense' needs a batch"):
+        jax.eval_shape(model.init, jax.random.key(0), _batch_without_dense_layout())
+
+
+@pytest.mark.parametrize("attribute, value", [("message_passing", "gather"), ("chunk_bytes", -1)])
+def test_invalid_dense_option_raises(attribute, value):
+    model = egnn.EGNN(**{attribute: value}, **SMALL)
+    with pytest.raises(ValueError, match=f"invalid EGNN {attribute}"):
+        jax.eval_shape(model.init, jax.random.key(0), _batch())
+
+
+# --- Equivariance -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message_passing", ["dense", "segment"])
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[7]], ids=_config_id)
+def test_equivariant_float32_both_paths(config, message_passing):
+    model = egnn.EGNN(message_passing=message_passing, chunk_bytes=ONE_SYSTEM_CHUNKS, **SMALL, **config)
+    graph = _batch()
+    params = _random_params(model, graph, jax.random.key(0))
+    errors = equivariance.equivariance_error(model.apply, params, graph, jax.random.key(5), num_draws=3)
+    for kind in ("rotation", "translation", "reflection", "rigid"):
+        relative = errors[f"{kind}_max"] / errors["output_scale"]
+        assert relative < 1e-5, f"{kind} error {relative:.2e}"
