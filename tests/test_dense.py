@@ -35,11 +35,11 @@ def _config_id(config):
     return "-".join(str(value) for value in config.values())
 
 
-def _batch(dtype=np.float32, num_systems=NUM_SYSTEMS, batch_size=BATCH_SIZE, seed=0):
+def _batch(dtype=np.float32, num_systems=NUM_SYSTEMS, batch_size=BATCH_SIZE, seed=0, n_particles=N):
     rng = np.random.default_rng(seed)
-    x = 2.0 * rng.normal(size=(num_systems, N, 3))
-    v = 0.5 * rng.normal(size=(num_systems, N, 3))
-    charges = rng.choice([-1.0, 1.0], size=(num_systems, N))
+    x = 2.0 * rng.normal(size=(num_systems, n_particles, 3))
+    v = 0.5 * rng.normal(size=(num_systems, n_particles, 3))
+    charges = rng.choice([-1.0, 1.0], size=(num_systems, n_particles))
     target = x + v + 0.1 * rng.normal(size=x.shape)
     return graphs.build_graphs(x, v, charges, target, batch_size=batch_size, dtype=dtype)
 
@@ -176,11 +176,19 @@ def _batch_without_dense_layout():
 
 
 def test_auto_uses_dense_on_build_graphs_batch():
-    graph = _batch()
-    assert graphs.dense_shape(graph) == (BATCH_SIZE, N)
-    model = egnn.EGNN(**SMALL)
+    n_particles = egnn.DENSE_MIN_PARTICLES
+    graph = _batch(n_particles=n_particles)
+    assert graphs.dense_shape(graph) == (BATCH_SIZE, n_particles)
+    model = egnn.EGNN(num_layers=2, hidden_dim=8)
     jaxpr = str(jax.make_jaxpr(model.init)(jax.random.key(0), graph))
     assert "scatter-add" not in jaxpr
+
+
+def test_auto_uses_segment_below_dense_min_particles():
+    graph = _batch()
+    assert N < egnn.DENSE_MIN_PARTICLES
+    jaxpr = str(jax.make_jaxpr(egnn.EGNN(**SMALL).init)(jax.random.key(0), graph))
+    assert "scatter-add" in jaxpr
 
 
 def test_auto_falls_back_to_segment():

@@ -219,6 +219,14 @@ def test_equivariant_float32(config):
 
 
 @pytest.mark.parametrize("config", EQUIVARIANT_CONFIGS, ids=_config_id)
+def test_equivariant_float32_dense_path(config):
+    # Systems of N=4 take the segment path by default; this forces the dense one.
+    errors = _relative_errors({**config, "message_passing": "dense"}, "float32")
+    for kind, error in errors.items():
+        assert error < 1e-5, f"{kind} error {error:.2e}"
+
+
+@pytest.mark.parametrize("config", EQUIVARIANT_CONFIGS, ids=_config_id)
 def test_equivariant_float64(config):
     with jax.enable_x64(True):
         errors = _relative_errors(config, "float64")
