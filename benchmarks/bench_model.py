@@ -67,14 +67,22 @@ def measure_one(
     hidden_dim: int = 64,
     min_seconds: float = 2.0,
     repeats: int = 2,
+    message_passing: str = "auto",
 ) -> dict:
     """Measure forward and training-step throughput of one model on one batch shape.
 
-    Returns a dict with the configuration, ``compile_seconds`` (forward and
-    training step together), ``forward_graphs_per_second`` and
-    ``train_graphs_per_second``.
+    ``message_passing`` selects the EGNN implementation (see
+    :class:`geonorm_jax.egnn.EGNN`). Returns a dict with the configuration,
+    ``compile_seconds`` (forward and training step together),
+    ``forward_graphs_per_second`` and ``train_graphs_per_second``.
     """
-    model = egnn.EGNN(num_layers=num_layers, hidden_dim=hidden_dim, norm=norm, num_particles=n_particles)
+    model = egnn.EGNN(
+        num_layers=num_layers,
+        hidden_dim=hidden_dim,
+        norm=norm,
+        num_particles=n_particles,
+        message_passing=message_passing,
+    )
     graph = jax.tree_util.tree_map(jnp.asarray, random_batch(n_particles, batch_size))
     params = jax.jit(model.init)(jax.random.key(0), graph)
     optimizer = optax.adam(5e-4)
@@ -108,6 +116,7 @@ def measure_one(
         "n_particles": n_particles,
         "batch_size": batch_size,
         "norm": norm,
+        "message_passing": message_passing,
         "num_layers": num_layers,
         "hidden_dim": hidden_dim,
         "compile_seconds": compile_seconds,
