@@ -58,7 +58,7 @@ class TrainConfig:
     learning_rate: float = 5e-4
     weight_decay: float = 1e-12
     batch_size: int = 50
-    epochs: int = 60
+    epochs: int = 40
     eval_every: int = 5
     seed: int = 30
 
