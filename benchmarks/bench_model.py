@@ -26,6 +26,7 @@ import optax
 
 from benchmarks.bench_data import machine_info
 from geonorm_jax import egnn, graphs
+from geonorm_jax.logs import configure_logging
 
 REFERENCE_TRAIN_GRAPHS_PER_SECOND = {5: 5300.0, 20: 360.0, 50: 55.0, 100: 7.2}
 DEFAULT_SIZES = ((5, 100), (20, 50), (50, 50), (100, 50))
@@ -197,7 +198,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per case; the best is kept")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    configure_logging()
 
     sizes = [tuple(int(part) for part in pair.split(":")) for pair in args.sizes.split(",")]
     report = measure_model_throughput(

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import bench_data, bench_model
+from geonorm_jax.logs import configure_logging
 
 DEFAULT_SIZES = ((5, 100), (20, 50), (50, 50), (100, 50))
 QUICK_SIZES = ((5, 100), (50, 50))
@@ -254,7 +255,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="bench_results", help="output folder (default: %(default)s)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # N:batch:path, one case in this process
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    configure_logging()
 
     if args.case:
         _case_main(args.case, args.min_seconds or 2.0, args.repeats or 2)

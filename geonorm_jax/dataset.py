@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from geonorm_jax import simulation
+from geonorm_jax.logs import configure_logging
 from geonorm_jax.simulation import DEFAULT_PARAMS, SPLITS, PhysicsParams
 
 logger = logging.getLogger(__name__)
@@ -581,7 +582,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     """Run the command line: generate or import, optionally export, print the directory."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = _parse_args(argv)
     frames = (30, 40)
     if args.all_frames:

@@ -34,6 +34,7 @@ import jax
 
 from geonorm_jax import equivariance, figures, training
 from geonorm_jax.config import TrainConfig, make_config
+from geonorm_jax.logs import configure_logging
 from geonorm_jax.rundir import RunDirectory
 from geonorm_jax.sweep import DataCache, RunResult, run_sweep
 from geonorm_jax.train import default_run_dir
@@ -517,7 +518,7 @@ def run_grid_script(name: str, argv: Sequence[str] | None, description: str) -> 
 
 def configure_script() -> None:
     """Set up INFO logging, and make SIGTERM stop a script like Ctrl-C, with resumable summaries."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
 

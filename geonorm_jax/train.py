@@ -37,6 +37,7 @@ from geonorm_jax.config import (
 )
 from geonorm_jax.dataset import DatasetConfig, load_or_generate
 from geonorm_jax.loader import GraphLoader
+from geonorm_jax.logs import configure_logging
 from geonorm_jax.plots import plot_loss_curves
 from geonorm_jax.rundir import RunDirectory, RunDirectoryError
 from geonorm_jax.simulation import DEFAULT_PARAMS
@@ -120,6 +121,7 @@ def run_training(
             frames=frames,
         ),
         root=data_root,
+        progress=progress,
     )
     loaders = {
         name: GraphLoader(
@@ -365,7 +367,7 @@ CONFIG_FLAGS = (
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         config = make_config(args.preset, **{name: getattr(args, name) for name in CONFIG_FLAGS})
     except ValueError as error:
