@@ -2,8 +2,9 @@
 
 import logging
 
-# orbax-checkpoint logs every save at INFO through absl; keep its warnings only.
-QUIET_LOGGERS = ("absl", "orbax")
+# orbax-checkpoint logs every save at INFO through absl, and jax logs its backend
+# search (no TPU, no GPU) at INFO; keep their warnings only.
+QUIET_LOGGERS = ("absl", "orbax", "jax")
 
 
 def configure_logging(level: int = logging.INFO) -> None:
