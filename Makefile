@@ -6,8 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Training and data knobs. Empty means "use the library default"; see README.
-N ?= 50
+# Training and data knobs. Empty means "use the preset's value"; see README.
+N ?=
 NORM ?=
 MODE ?=
 SIGMA ?=
@@ -22,7 +22,7 @@ RUN_DIR ?=
 ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(2))
-TRAIN_FLAGS = --n-particles $(N) \
+TRAIN_FLAGS = $(call opt,--n-particles,$(N)) \
 	$(call opt,--norm,$(NORM)) $(call opt,--norm-mode,$(MODE)) \
 	$(call opt,--sigma,$(SIGMA)) $(call opt,--layers,$(LAYERS)) \
 	$(call opt,--hidden,$(HIDDEN)) $(call opt,--epochs,$(EPOCHS)) \
@@ -45,7 +45,7 @@ train: $(STAMP)
 	$(PY) -m geonorm_jax.train $(TRAIN_FLAGS)
 
 data: $(STAMP)
-	$(PY) -m geonorm_jax.dataset --n-particles $(N) $(call opt,--seed,$(SEED)) $(ARGS)
+	$(PY) -m geonorm_jax.dataset --n-particles $(or $(N),50) $(call opt,--seed,$(SEED)) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
