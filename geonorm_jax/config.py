@@ -17,6 +17,8 @@ import json
 import math
 from typing import Any
 
+from geonorm_jax.dataset import DatasetConfig
+
 NORMS = ("none", "layernorm", "scalenorm", "geonorm")
 NORM_MODES = ("particle", "shared", "adaptive")
 SIGMAS = ("particle", "system")
@@ -95,6 +97,17 @@ class TrainConfig:
             raise ValueError(
                 f"target_frame ({self.target_frame}) must come after input_frame ({self.input_frame})"
             )
+
+    def dataset_config(self) -> DatasetConfig:
+        """Return the config of the dataset this run trains on (input and target frames only)."""
+        return DatasetConfig(
+            n_particles=self.n_particles,
+            seed=self.data_seed,
+            n_train=self.n_train,
+            n_valid=self.n_valid,
+            n_test=self.n_test,
+            frames=(self.input_frame, self.target_frame),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -91,14 +91,7 @@ class DataCache:
         self._datasets: dict[DatasetConfig, Any] = {}
 
     def dataset(self, config: TrainConfig):
-        dataset_config = DatasetConfig(
-            n_particles=config.n_particles,
-            seed=config.data_seed,
-            n_train=config.n_train,
-            n_valid=config.n_valid,
-            n_test=config.n_test,
-            frames=(config.input_frame, config.target_frame),
-        )
+        dataset_config = config.dataset_config()
         if dataset_config not in self._datasets:
             self._datasets[dataset_config] = load_or_generate(
                 dataset_config, root=self.data_root, progress=self.progress

@@ -35,7 +35,7 @@ from geonorm_jax.config import (
     TrainConfig,
     make_config,
 )
-from geonorm_jax.dataset import DatasetConfig, load_or_generate
+from geonorm_jax.dataset import load_or_generate
 from geonorm_jax.loader import GraphLoader
 from geonorm_jax.logs import configure_logging
 from geonorm_jax.plots import plot_loss_curves
@@ -110,19 +110,7 @@ def run_training(
         log.info("%s already ended (%s); pass --overwrite to train again", directory.path, summary["status"])
         return summary
 
-    frames = (config.input_frame, config.target_frame)
-    dataset = load_or_generate(
-        DatasetConfig(
-            n_particles=config.n_particles,
-            seed=config.data_seed,
-            n_train=config.n_train,
-            n_valid=config.n_valid,
-            n_test=config.n_test,
-            frames=frames,
-        ),
-        root=data_root,
-        progress=progress,
-    )
+    dataset = load_or_generate(config.dataset_config(), root=data_root, progress=progress)
     loaders = {
         name: GraphLoader(
             dataset.splits[name],

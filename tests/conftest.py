@@ -1,4 +1,4 @@
-"""Test setup: raise on any NaN or Inf that a JAX computation produces."""
+"""Test setup: raise on any NaN or Inf that a JAX computation produces; shared fixtures."""
 
 import jax
 import pytest
@@ -13,3 +13,17 @@ def debug_nans_and_infs():
     yield
     jax.config.update("jax_debug_nans", previous[0])
     jax.config.update("jax_debug_infs", previous[1])
+
+
+@pytest.fixture
+def allow_nans():
+    """Let NaN and Inf through, for tests of divergence (``debug_nans_and_infs`` raises on them)."""
+    jax.config.update("jax_debug_nans", False)
+    jax.config.update("jax_debug_infs", False)
+    yield
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Dataset root shared by one test module, so each tiny dataset is simulated once."""
+    return tmp_path_factory.mktemp("data")

@@ -3,29 +3,12 @@
 import csv
 import json
 
-import jax
 import pytest
 
 from geonorm_jax import experiments, sweep
 
 TOY = experiments.Sizes(n_train=12, n_valid=6, n_test=6, batch_size=6, epochs=2, eval_every=1, hidden_dim=8)
 FIGURE2_AXES = experiments.Figure2Axes(depths=(1, 2), depth_panel_n=(4,), size_panel_n=(4, 5), size_panel_depth=2)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture
-def allow_nans():
-    """Let NaN and Inf through, for tests of divergence (the suite's conftest raises on them)."""
-    previous = (jax.config.jax_debug_nans, jax.config.jax_debug_infs)
-    jax.config.update("jax_debug_nans", False)
-    jax.config.update("jax_debug_infs", False)
-    yield
-    jax.config.update("jax_debug_nans", previous[0])
-    jax.config.update("jax_debug_infs", previous[1])
 
 
 def read_csv(path):

@@ -17,22 +17,6 @@ from geonorm_jax.train import run_training
 SEEDS = (30, 40)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture
-def allow_nans():
-    """Let NaN and Inf through, for tests of divergence (the suite's conftest raises on them)."""
-    previous = (jax.config.jax_debug_nans, jax.config.jax_debug_infs)
-    jax.config.update("jax_debug_nans", False)
-    jax.config.update("jax_debug_infs", False)
-    yield
-    jax.config.update("jax_debug_nans", previous[0])
-    jax.config.update("jax_debug_infs", previous[1])
-
-
 def tiny_configs(**overrides):
     return [make_config("tiny", seed=seed, **overrides) for seed in SEEDS]
 

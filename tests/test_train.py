@@ -11,15 +11,10 @@ import pytest
 
 from geonorm_jax import graphs, train, training
 from geonorm_jax.config import TrainConfig, make_config
-from geonorm_jax.dataset import DatasetConfig, load_or_generate
+from geonorm_jax.dataset import load_or_generate
 from geonorm_jax.loader import GraphLoader
 
 TINY_FLAGS = ["--preset", "tiny", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
 
 
 def run_main(data_root, run_dir, *flags):
@@ -31,17 +26,7 @@ def read_metrics(run_dir):
 
 
 def tiny_loader(data_root, config: TrainConfig):
-    dataset = load_or_generate(
-        DatasetConfig(
-            n_particles=config.n_particles,
-            seed=config.data_seed,
-            n_train=config.n_train,
-            n_valid=config.n_valid,
-            n_test=config.n_test,
-            frames=(config.input_frame, config.target_frame),
-        ),
-        root=data_root,
-    )
+    dataset = load_or_generate(config.dataset_config(), root=data_root)
     return GraphLoader(dataset.splits["train"], dataset.frames, config.batch_size,
                        input_frame=config.input_frame, target_frame=config.target_frame)
 
