@@ -82,7 +82,7 @@ class Axes:
     models: tuple[str, ...]
 
 
-# NOTE: the CPU sizes are estimates from runs on 2 shared CPU cores; see
+# NOTE: the CPU sizes were chosen for 2 CPU cores; see
 # experiments/README.md for the measured wall times.
 SIZES: dict[str, dict[str, Sizes]] = {
     "cpu": {
