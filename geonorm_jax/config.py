@@ -18,12 +18,10 @@ import math
 from typing import Any
 
 from geonorm_jax.dataset import DatasetConfig
-
-NORMS = ("none", "layernorm", "scalenorm", "geonorm")
-NORM_MODES = ("particle", "shared", "adaptive")
-SIGMAS = ("particle", "system")
-SCALENORM_KINDS = ("l2", "rms")
-NORM_PLACEMENTS = ("between", "every")
+from geonorm_jax.egnn import NORMS
+from geonorm_jax.egnn import PLACEMENTS as NORM_PLACEMENTS
+from geonorm_jax.norms import MODES as NORM_MODES
+from geonorm_jax.norms import SCALENORM_KINDS, SIGMAS
 
 
 @dataclasses.dataclass(frozen=True)

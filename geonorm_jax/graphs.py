@@ -145,9 +145,9 @@ def dense_shape(graph: jraph.GraphsTuple) -> tuple[int, int] | None:
 
     Reads only static shapes, so it is usable under ``jit``. A match means
     that the first ``B * N`` nodes and ``B * N * (N - 1)`` edges can be
-    reshaped to per-system arrays; it is the caller's contract that the
-    batch came from :func:`build_graphs`, because shapes alone cannot prove
-    that real graphs have equal sizes.
+    reshaped to per-system arrays. Shapes alone cannot prove that the real
+    graphs have equal sizes, so the caller must pass a batch from
+    :func:`build_graphs`.
     """
     n_graph = graph.n_node.shape[0]
     n_node_total = jax.tree_util.tree_leaves(graph.nodes)[0].shape[0]
@@ -200,9 +200,9 @@ def per_graph_mse(prediction: jax.Array, target: jax.Array, graph: jraph.GraphsT
 def masked_mse(prediction: jax.Array, target: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
     """Compute the MSE over all real particles and coordinates of a batch.
 
-    The sum of squared errors over real nodes divided by ``3 * n_real_nodes``,
-    so padding never changes the value; equal to the MSE of the same systems
-    unpadded. Jit-able.
+    The sum of squared errors over real nodes is divided by
+    ``3 * n_real_nodes``, so padding never changes the value. It equals the
+    MSE of the same systems unpadded. Jit-able.
     """
     mask = node_mask(graph)
     squared_error = jnp.where(mask[:, None], (prediction - target) ** 2, 0.0)
