@@ -78,7 +78,7 @@ def build_graphs(
       target: optional target positions ``[S, N, 3]``, stored as
         ``nodes["target"]``.
       batch_size: the padding budget in systems (``S`` if None). Batches of
-        fewer systems are padded to it, so that a jitted function sees one
+        fewer systems are padded to it, so that a jitted function compiles for one
         shape.
       dtype: floating dtype of the node and edge features.
 
