@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--input-frame", type=int, help="saved frame (0..48) used as input")
     data.add_argument("--target-frame", type=int, help="saved frame (0..48) to predict")
     data.add_argument("--data-root", default="data", help="directory of generated datasets")
+
     model = parser.add_argument_group("model")
     model.add_argument("--layers", dest="num_layers", type=int, help="EGNN layers")
     model.add_argument("--hidden", dest="hidden_dim", type=int, help="hidden feature size")
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--coords-tanh", action="store_true", default=None, help="tanh after phi_x")
     model.add_argument("--h-layernorm", action="store_true", default=None,
                        help="LayerNorm on the invariant features h")
+
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--lr", dest="learning_rate", type=float, help="Adam learning rate")
     optim.add_argument("--weight-decay", type=float, help="L2 weight decay added to the gradient")
@@ -336,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--seed", type=int, help="seed of the initialization and the shuffling")
     optim.add_argument("--divergence-bound", type=float,
                        help="a training MSE above this stops the run as diverged")
+
     run = parser.add_argument_group("run directory")
     run.add_argument("--run-dir", help="output directory (default: runs/<config name>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
