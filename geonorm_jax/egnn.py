@@ -307,11 +307,21 @@ def _silu(x: jax.Array) -> jax.Array:
     return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
 
 
-class EdgeWeights(NamedTuple):
-    """Parameters of phi_e and phi_x, as arrays, for :func:`dense_edge_stage`."""
+def _silu_and_derivative(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Return ``(silu(x), silu'(x))``; ``silu' = s (1 + x (1 - s))`` with ``s = sigmoid(x)`` in tanh form."""
+    sigmoid = 0.5 + 0.5 * jnp.tanh(0.5 * x)
+    return x * sigmoid, sigmoid * (1.0 + x * (1.0 - sigmoid))
 
-    phi_e_kernel_0: jax.Array  # [2F + 1 + A, H], rows for h_i, h_j, |x_i - x_j|**2, a_ij
-    phi_e_bias_0: jax.Array  # [H]
+
+class PairWeights(NamedTuple):
+    """The parameters that act per pair in :func:`dense_edge_stage`.
+
+    phi_e's first layer acts on ``[h_i, h_j, |x_i - x_j|**2, a_ij]``; its
+    ``h`` rows act per node, outside the pair stage, and its other rows are
+    ``pair_kernel``.
+    """
+
+    pair_kernel: jax.Array  # [1 + A, H], phi_e's rows for |x_i - x_j|**2 and a_ij
     phi_e_kernel_1: jax.Array  # [H, H]
     phi_e_bias_1: jax.Array  # [H]
     phi_x_kernel_0: jax.Array  # [H, H]
@@ -319,52 +329,163 @@ class EdgeWeights(NamedTuple):
     phi_x_kernel_1: jax.Array  # [H, 1]
 
 
-def dense_edge_stage(
-    weights: EdgeWeights, h: jax.Array, x: jax.Array, edge_attr: jax.Array, *, norm_diff: bool, coords_tanh: bool
-) -> tuple[jax.Array, jax.Array]:
-    """Compute one layer's per-pair work on systems ``[b, N, ...]`` and reduce it per receiver.
-
-    Args:
-      weights: phi_e and phi_x parameters.
-      h: features ``[b, N, F]``.
-      x: positions ``[b, N, 3]``.
-      edge_attr: ``[b, N, N, A]``, any values on the diagonal.
-      norm_diff, coords_tanh: as in :class:`EGNNLayer`.
-
-    Returns:
-      ``(incoming, shift)``: ``sum_{j != i} m_ij`` ``[b, N, H]`` and
-      ``1/(N-1) sum_j clip((x_i - x_j) phi_x(m_ij))`` ``[b, N, 3]``. Pure;
-      jit-, vmap- and checkpoint-able.
-    """
-    n_particles = x.shape[-2]
-    feature_dim = h.shape[-1]
-    kernel = weights.phi_e_kernel_0
+def _pair_features(x: jax.Array, edge_attr: jax.Array) -> jax.Array:
+    """``[|x_i - x_j|**2, a_ij]`` of shape ``[b, N, N, 1 + A]`` from ``x [b, N, 3]`` and ``edge_attr [b, N, N, A]``."""
     diff = x[:, :, None, :] - x[:, None, :, :]  # [b, N, N, 3], x_i - x_j
-    radial = jnp.sum(diff**2, axis=-1, keepdims=True)  # [b, N, N, 1]
+    radial = jnp.sum(diff**2, axis=-1, keepdims=True)
+    return jnp.concatenate([radial, edge_attr], axis=-1)
 
-    # phi_e's first layer on [h_i, h_j, radial, a_ij]: the h blocks are
-    # multiplied once per node and broadcast over the pairs.
-    receiver_part = h @ kernel[:feature_dim] + weights.phi_e_bias_0  # [b, N, H]
-    sender_part = h @ kernel[feature_dim : 2 * feature_dim]  # [b, N, H]
-    pre_activation = receiver_part[:, :, None, :] + sender_part[:, None, :, :] + radial * kernel[2 * feature_dim]
-    for k in range(edge_attr.shape[-1]):
-        pre_activation = pre_activation + edge_attr[..., k : k + 1] * kernel[2 * feature_dim + 1 + k]
-    messages = _silu(_silu(pre_activation) @ weights.phi_e_kernel_1 + weights.phi_e_bias_1)  # [b, N, N, H]
 
-    # phi_x's last layer (H -> 1, no bias) as a reduction over H.
-    hidden = _silu(messages @ weights.phi_x_kernel_0 + weights.phi_x_bias_0)
-    edge_weight = jnp.sum(hidden * weights.phi_x_kernel_1[:, 0], axis=-1, keepdims=True)  # [b, N, N, 1]
+def _mean_shift(x: jax.Array, edge_weight: jax.Array, norm_diff: bool, coords_tanh: bool) -> jax.Array:
+    """``1/(N-1) sum_j clip((x_i - x_j) phi_x(m_ij), -100, 100)``, ``[b, N, 3]``, from ``edge_weight [b, N, N]``."""
+    n_particles = x.shape[-2]
+    diff = x[:, :, None, :] - x[:, None, :, :]  # [b, N, N, 3]
+    edge_weight = edge_weight[..., None]
     if coords_tanh:
         edge_weight = jnp.tanh(edge_weight)
     if norm_diff:
         diff = diff / (geometry.safe_norm(diff, keepdims=True) + 1.0)
     # Self-pairs have diff = 0, so their shift is 0 and needs no mask.
     shifts = jnp.clip(diff * edge_weight, -COORDINATE_CLIP, COORDINATE_CLIP)  # [b, N, N, 3]
-    shift = jnp.sum(shifts, axis=2) * (1.0 / max(n_particles - 1, 1))  # [b, N, 3]
+    return jnp.sum(shifts, axis=2) * (1.0 / max(n_particles - 1, 1))
 
-    off_diagonal = ~jnp.eye(n_particles, dtype=bool)[None, :, :, None]  # [1, N, N, 1]
-    incoming = jnp.sum(jnp.where(off_diagonal, messages, 0.0), axis=2)  # [b, N, H]
-    return incoming, shift
+
+def _contract_rows(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a^T b`` for ``a [E, P]`` and ``b`` of ``[Q, E]``: ``[P, Q]``, a sum over the pair axis."""
+    return jax.lax.dot_general(a, b, (((0,), (1,)), ((), ())))
+
+
+def _pair_mlp_forward(weights: PairWeights, receiver_part, sender_part, pair_features):
+    """phi_e on every pair, then phi_x's hidden layer.
+
+    Args:
+      weights: the per-pair parameters.
+      receiver_part, sender_part: ``[b, N, H]``.
+      pair_features: ``[b, N, N, 1 + A]``.
+
+    Returns:
+      ``pre_1 [b N N, H]``, phi_e's first pre-activation, pair-major; and
+      ``pre_2``, ``pre_3`` ``[H, b N N]``, phi_e's second pre-activation
+      (``m_ij = silu(pre_2)``) and phi_x's hidden one, feature-major.
+    """
+    # NOTE: the layouts are chosen for XLA's CPU backend (jax 0.10.2). Pair-
+    # major arrays make the broadcasts that build pre_1 about 10x faster
+    # than feature-major ones. Feature-major arrays after it let each weight
+    # gradient contract the minor axis of one operand, so XLA makes no
+    # transposed copy of a pair array.
+    pre_1 = receiver_part[:, :, None, :] + sender_part[:, None, :, :]  # [b, N, N, H]
+    for k in range(pair_features.shape[-1]):
+        pre_1 = pre_1 + pair_features[..., k : k + 1] * weights.pair_kernel[k]
+    pre_1 = pre_1.reshape(-1, pre_1.shape[-1])
+    pre_2 = _contract_rows(weights.phi_e_kernel_1, _silu(pre_1)) + weights.phi_e_bias_1[:, None]
+    pre_3 = weights.phi_x_kernel_0.T @ _silu(pre_2) + weights.phi_x_bias_0[:, None]
+    return pre_1, pre_2, pre_3
+
+
+def _off_diagonal(n_particles: int) -> jax.Array:
+    return ~jnp.eye(n_particles, dtype=bool)  # [N, N]
+
+
+def _dense_edge_stage(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr):
+    b, n, hidden = receiver_part.shape
+    _, pre_2, pre_3 = _pair_mlp_forward(weights, receiver_part, sender_part, _pair_features(x, edge_attr))
+    messages = _silu(pre_2).reshape(hidden, b, n, n)
+    # phi_x's last layer (H -> 1, no bias) as a product with the [H] kernel.
+    edge_weight = (weights.phi_x_kernel_1[:, 0] @ _silu(pre_3)).reshape(b, n, n)
+    incoming = jnp.sum(jnp.where(_off_diagonal(n), messages, 0.0), axis=-1)  # [H, b, N]
+    return incoming, _mean_shift(x, edge_weight, norm_diff, coords_tanh)
+
+
+def _dense_edge_stage_forward(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr):
+    # Only the node-size inputs are kept: the backward pass recomputes the
+    # pair arrays, which on CPU is faster than reading them back from memory.
+    outputs = _dense_edge_stage(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr)
+    return outputs, (weights, receiver_part, sender_part, x, edge_attr)
+
+
+def _dense_edge_stage_backward(norm_diff, coords_tanh, residuals, cotangents):
+    weights, receiver_part, sender_part, x, edge_attr = residuals
+    incoming_grad, shift_grad = cotangents  # [H, b, N], [b, N, 3]
+    b, n, hidden = receiver_part.shape
+    pair_features, features_vjp = jax.vjp(_pair_features, x, edge_attr)
+    pre_1, pre_2, pre_3 = _pair_mlp_forward(weights, receiver_part, sender_part, pair_features)
+    hidden_1, slope_1 = _silu_and_derivative(pre_1)  # [E, H]
+    messages, slope_2 = _silu_and_derivative(pre_2)  # [H, E]
+    hidden_3, slope_3 = _silu_and_derivative(pre_3)  # [H, E]
+    edge_weight = (weights.phi_x_kernel_1[:, 0] @ hidden_3).reshape(b, n, n)
+
+    # The clip, tanh and norm of the coordinate update act on [b, N, N, 3]
+    # arrays, so plain autodiff is cheap there.
+    _, shift_vjp = jax.vjp(lambda x, w: _mean_shift(x, w, norm_diff, coords_tanh), x, edge_weight)
+    x_grad, edge_weight_grad = shift_vjp(shift_grad)
+    edge_weight_grad = edge_weight_grad.reshape(1, -1)  # [1, E]
+
+    phi_x_kernel_1_grad = hidden_3 @ edge_weight_grad.T  # [H, 1]
+    pre_3_grad = weights.phi_x_kernel_1 * edge_weight_grad * slope_3  # [H, E]
+    phi_x_kernel_0_grad = messages @ pre_3_grad.T
+    phi_x_bias_0_grad = jnp.sum(pre_3_grad, axis=1)
+
+    incoming_grad = jnp.where(_off_diagonal(n), incoming_grad[:, :, :, None], 0.0).reshape(hidden, -1)
+    pre_2_grad = (weights.phi_x_kernel_0 @ pre_3_grad + incoming_grad) * slope_2  # [H, E]
+    phi_e_kernel_1_grad = _contract_rows(hidden_1, pre_2_grad)
+    phi_e_bias_1_grad = jnp.sum(pre_2_grad, axis=1)
+
+    pre_1_grad = (pre_2_grad.T @ weights.phi_e_kernel_1.T) * slope_1  # [E, H]
+    feature_rows = pair_features.reshape(-1, pair_features.shape[-1])  # [E, 1 + A]
+    pair_kernel_grad = feature_rows.T @ pre_1_grad  # [1 + A, H]
+    features_x_grad, edge_attr_grad = features_vjp((pre_1_grad @ weights.pair_kernel.T).reshape(pair_features.shape))
+    weights_grad = PairWeights(
+        pair_kernel_grad,
+        phi_e_kernel_1_grad,
+        phi_e_bias_1_grad,
+        phi_x_kernel_0_grad,
+        phi_x_bias_0_grad,
+        phi_x_kernel_1_grad,
+    )
+    pre_1_grad = pre_1_grad.reshape(b, n, n, hidden)
+    receiver_grad = jnp.sum(pre_1_grad, axis=2)  # [b, N, H]
+    sender_grad = jnp.sum(pre_1_grad, axis=1)  # [b, N, H]
+    return weights_grad, receiver_grad, sender_grad, x_grad + features_x_grad, edge_attr_grad
+
+
+_fused_edge_stage = jax.custom_vjp(_dense_edge_stage, nondiff_argnums=(0, 1))
+_fused_edge_stage.defvjp(_dense_edge_stage_forward, _dense_edge_stage_backward)
+
+
+def dense_edge_stage(
+    weights: PairWeights,
+    receiver_part: jax.Array,
+    sender_part: jax.Array,
+    x: jax.Array,
+    edge_attr: jax.Array,
+    *,
+    norm_diff: bool,
+    coords_tanh: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Compute one layer's per-pair work on systems ``[b, N, ...]`` and reduce it per receiver.
+
+    Pair arrays are feature-major, ``[H, b, N, N]``: the weight gradients
+    then contract the minor axis of both operands, and XLA's CPU backend
+    needs no transposed copy of a pair array.
+
+    Args:
+      weights: the per-pair parameters of phi_e and phi_x.
+      receiver_rows: ``h_i`` times phi_e's receiver rows, plus its bias, ``[H, b, N]``.
+      sender_rows: ``h_j`` times phi_e's sender rows, ``[H, b, N]``.
+      x: positions ``[b, N, 3]``.
+      edge_features: ``[A, b, N, N]``, any values on the diagonal.
+      norm_diff, coords_tanh: as in :class:`EGNNLayer`.
+
+    Returns:
+      ``(incoming, shift)``: ``sum_{j != i} m_ij`` ``[H, b, N]`` and
+      ``1/(N-1) sum_j clip((x_i - x_j) phi_x(m_ij))`` ``[b, N, 3]``.
+
+    The gradient is written out by hand (``jax.custom_vjp``): it keeps
+    only the inputs, recomputes the pair arrays once, and takes every sum
+    over pairs as one matrix product. It equals autodiff of the same
+    function up to rounding. Pure; jit-, vmap- and scan-able.
+    """
+    return _fused_edge_stage(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr)
 
 
 def _chunk_size(batch_size: int, n_particles: int, hidden_dim: int, target_bytes: int) -> int:
@@ -406,24 +527,30 @@ class DenseEGNNLayer(nn.Module):
         phi_x = MLPWeights(
             hidden, 1, final_bias=False, final_kernel_init=xavier_uniform_init(0.001), param_dtype=dtype, name="phi_x"
         )(hidden)
-        weights = EdgeWeights(*phi_e[0], *phi_e[1], *phi_x[0], phi_x[1][0])
+        (kernel_0, bias_0), (kernel_1, bias_1) = phi_e
+        feature_dim = h.shape[-1]
+        # phi_e's first layer on [h_i, h_j, ...]: the h blocks act once per node.
+        receiver_part = h @ kernel_0[:feature_dim] + bias_0  # [B, N, H]
+        sender_part = h @ kernel_0[feature_dim : 2 * feature_dim]  # [B, N, H]
+        weights = PairWeights(kernel_0[2 * feature_dim :], kernel_1, bias_1, *phi_x[0], phi_x[1][0])
         stage = functools.partial(dense_edge_stage, weights, norm_diff=self.norm_diff, coords_tanh=self.coords_tanh)
+        arrays = (receiver_part, sender_part, x, edge_attr)
 
         batch_size, n_particles = x.shape[:2]
         chunk = batch_size
         if self.chunk_bytes > 0:
             chunk = _chunk_size(batch_size, n_particles, hidden, self.chunk_bytes)
         if chunk == batch_size:
-            incoming, shift = stage(h, x, edge_attr)
+            incoming, shift = stage(*arrays)
         else:
 
             def split(values):
                 return values.reshape(batch_size // chunk, chunk, *values.shape[1:])  # [B/b, b, ...]
 
-            chunk_stage = jax.checkpoint(lambda arrays: stage(*arrays))
-            incoming, shift = jax.lax.map(chunk_stage, (split(h), split(x), split(edge_attr)))
-            incoming = incoming.reshape(batch_size, n_particles, hidden)
+            incoming, shift = jax.lax.map(lambda chunk_arrays: stage(*chunk_arrays), tuple(map(split, arrays)))
+            incoming = jnp.moveaxis(incoming, 0, 1).reshape(hidden, batch_size, n_particles)
             shift = shift.reshape(batch_size, n_particles, 3)
+        incoming = jnp.transpose(incoming, (1, 2, 0))  # [B, N, H]
 
         velocity_weight = MLP(hidden, 1, param_dtype=dtype, name="phi_v")(h)  # [B, N, 1], from the old h
         x = x + shift + velocity_weight * v
