@@ -21,9 +21,9 @@ Two implementations share one parameter pytree:
   :func:`geonorm_jax.graphs.build_graphs` as ``[B, N, ...]`` node arrays and
   ``[B, N, N, ...]`` pair arrays. Sums over senders become reductions over
   an axis, and phi_e's first layer multiplies ``h`` once per node instead
-  of once per edge. On CPU it runs the pair work one chunk of systems at a
-  time under ``jax.checkpoint``, so the ``[b, N, N, H]`` intermediates stay
-  in cache and are recomputed in the backward pass instead of stored.
+  of once per edge. The pair stage's gradient is written out by hand
+  (:func:`dense_edge_stage`). On CPU the pair work runs one chunk of
+  systems at a time, so that its ``[b, N, N, H]`` arrays stay in cache.
 
 :class:`EGNN` takes the dense path when the batch has that layout and
 systems of at least :data:`DENSE_MIN_PARTICLES` particles, and the segment
@@ -50,14 +50,13 @@ MESSAGE_PASSING = ("auto", "dense", "segment")
 COORDINATE_CLIP = 100.0
 
 # NOTE: chosen by measurement, not derived: on a 2-core AMD EPYC (Zen 4, 1 MiB
-# L2 per core, 32 MiB L3; jax 0.10.2) chunks of 1.5 to 3.5 MB trained the
-# N=50 model about 1.5x faster than the whole batch, and 7 MB was slower.
+# L2 per core, 32 MiB L3; jax 0.10.2) chunks of 1.3 to 3.2 MB trained the
+# N=50 model at the same speed, about 1.3x faster than 6.4 MB chunks.
 CPU_CHUNK_BYTES = 4 * 2**20
 
-# NOTE: measured, not derived. On a 2-core AMD EPYC (jax 0.10.2) the segment
-# path trained N=5 batches of 100 about 1.3x faster than the dense path, and
-# the dense path won at N=20 (1.4x) and N=50. No N between 5 and 20 was
-# timed, so the crossover is a guess.
+# NOTE: measured, not derived. On a 2-core AMD EPYC (jax 0.10.2) the two paths
+# trained N=5 batches of 100 at the same speed within 5%, and the dense path
+# was 1.1x faster at N=10 and 2x faster at N=20.
 DENSE_MIN_PARTICLES = 10
 
 
@@ -316,9 +315,9 @@ def _silu_and_derivative(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 class PairWeights(NamedTuple):
     """The parameters that act per pair in :func:`dense_edge_stage`.
 
-    phi_e's first layer acts on ``[h_i, h_j, |x_i - x_j|**2, a_ij]``; its
-    ``h`` rows act per node, outside the pair stage, and its other rows are
-    ``pair_kernel``.
+    phi_e's first layer acts on ``[h_i, h_j, |x_i - x_j|**2, a_ij]``. Its
+    ``h`` rows act once per node, before the pair stage; its other rows
+    are ``pair_kernel``.
     """
 
     pair_kernel: jax.Array  # [1 + A, H], phi_e's rows for |x_i - x_j|**2 and a_ij
@@ -330,14 +329,14 @@ class PairWeights(NamedTuple):
 
 
 def _pair_features(x: jax.Array, edge_attr: jax.Array) -> jax.Array:
-    """``[|x_i - x_j|**2, a_ij]`` of shape ``[b, N, N, 1 + A]`` from ``x [b, N, 3]`` and ``edge_attr [b, N, N, A]``."""
+    """``[|x_i - x_j|**2, a_ij]``, ``[b, N, N, 1 + A]``, from ``x [b, N, 3]`` and ``edge_attr [b, N, N, A]``."""
     diff = x[:, :, None, :] - x[:, None, :, :]  # [b, N, N, 3], x_i - x_j
     radial = jnp.sum(diff**2, axis=-1, keepdims=True)
     return jnp.concatenate([radial, edge_attr], axis=-1)
 
 
 def _mean_shift(x: jax.Array, edge_weight: jax.Array, norm_diff: bool, coords_tanh: bool) -> jax.Array:
-    """``1/(N-1) sum_j clip((x_i - x_j) phi_x(m_ij), -100, 100)``, ``[b, N, 3]``, from ``edge_weight [b, N, N]``."""
+    """``1/(N-1) sum_j clip((x_i - x_j) w_ij, -100, 100)``, ``[b, N, 3]``, for ``edge_weight`` w ``[b, N, N]``."""
     n_particles = x.shape[-2]
     diff = x[:, :, None, :] - x[:, None, :, :]  # [b, N, N, 3]
     edge_weight = edge_weight[..., None]
@@ -350,13 +349,18 @@ def _mean_shift(x: jax.Array, edge_weight: jax.Array, norm_diff: bool, coords_ta
     return jnp.sum(shifts, axis=2) * (1.0 / max(n_particles - 1, 1))
 
 
-def _contract_rows(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a^T b`` for ``a [E, P]`` and ``b`` of ``[Q, E]``: ``[P, Q]``, a sum over the pair axis."""
+def _sum_over_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``sum_e a[e, p] b[q, e]`` for ``a [E, P]`` and ``b [Q, E]``; ``[P, Q]``."""
     return jax.lax.dot_general(a, b, (((0,), (1,)), ((), ())))
 
 
-def _pair_mlp_forward(weights: PairWeights, receiver_part, sender_part, pair_features):
-    """phi_e on every pair, then phi_x's hidden layer.
+def _off_diagonal(n_particles: int) -> jax.Array:
+    """``[N, N]`` mask, False where ``i == j``."""
+    return ~jnp.eye(n_particles, dtype=bool)
+
+
+def _pair_mlp(weights: PairWeights, receiver_part, sender_part, pair_features):
+    """Return the pre-activations of phi_e's two layers and phi_x's hidden layer on every pair.
 
     Args:
       weights: the per-pair parameters.
@@ -364,76 +368,78 @@ def _pair_mlp_forward(weights: PairWeights, receiver_part, sender_part, pair_fea
       pair_features: ``[b, N, N, 1 + A]``.
 
     Returns:
-      ``pre_1 [b N N, H]``, phi_e's first pre-activation, pair-major; and
-      ``pre_2``, ``pre_3`` ``[H, b N N]``, phi_e's second pre-activation
-      (``m_ij = silu(pre_2)``) and phi_x's hidden one, feature-major.
+      ``pre_1 [E, H]``, pair-major, and ``pre_2``, ``pre_3`` ``[H, E]``,
+      feature-major, with ``E = b N N`` pairs in ``(system, i, j)`` order.
+      The messages are ``m_ij = silu(pre_2)``.
     """
-    # NOTE: the layouts are chosen for XLA's CPU backend (jax 0.10.2). Pair-
-    # major arrays make the broadcasts that build pre_1 about 10x faster
-    # than feature-major ones. Feature-major arrays after it let each weight
-    # gradient contract the minor axis of one operand, so XLA makes no
-    # transposed copy of a pair array.
+    # NOTE: the layouts are chosen by measurement on XLA's CPU backend (jax
+    # 0.10.2). Built pair-major, pre_1's broadcasts ran about 10x faster than
+    # feature-major. With pre_2 and pre_3 feature-major, XLA made no
+    # transposed copy of a pair array for the weight gradients. A pair-major
+    # pre_2 trained at the same speed within the noise.
     pre_1 = receiver_part[:, :, None, :] + sender_part[:, None, :, :]  # [b, N, N, H]
     for k in range(pair_features.shape[-1]):
         pre_1 = pre_1 + pair_features[..., k : k + 1] * weights.pair_kernel[k]
     pre_1 = pre_1.reshape(-1, pre_1.shape[-1])
-    pre_2 = _contract_rows(weights.phi_e_kernel_1, _silu(pre_1)) + weights.phi_e_bias_1[:, None]
+    pre_2 = _sum_over_pairs(weights.phi_e_kernel_1, _silu(pre_1)) + weights.phi_e_bias_1[:, None]
     pre_3 = weights.phi_x_kernel_0.T @ _silu(pre_2) + weights.phi_x_bias_0[:, None]
     return pre_1, pre_2, pre_3
 
 
-def _off_diagonal(n_particles: int) -> jax.Array:
-    return ~jnp.eye(n_particles, dtype=bool)  # [N, N]
-
-
-def _dense_edge_stage(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr):
+def _edge_stage(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr):
+    """Compute :func:`dense_edge_stage` without its custom gradient."""
     b, n, hidden = receiver_part.shape
-    _, pre_2, pre_3 = _pair_mlp_forward(weights, receiver_part, sender_part, _pair_features(x, edge_attr))
+    _, pre_2, pre_3 = _pair_mlp(weights, receiver_part, sender_part, _pair_features(x, edge_attr))
     messages = _silu(pre_2).reshape(hidden, b, n, n)
-    # phi_x's last layer (H -> 1, no bias) as a product with the [H] kernel.
-    edge_weight = (weights.phi_x_kernel_1[:, 0] @ _silu(pre_3)).reshape(b, n, n)
     incoming = jnp.sum(jnp.where(_off_diagonal(n), messages, 0.0), axis=-1)  # [H, b, N]
-    return incoming, _mean_shift(x, edge_weight, norm_diff, coords_tanh)
+    # phi_x's last layer (H -> 1, no bias) as a product with its [H] kernel.
+    edge_weight = (weights.phi_x_kernel_1[:, 0] @ _silu(pre_3)).reshape(b, n, n)
+    return jnp.transpose(incoming, (1, 2, 0)), _mean_shift(x, edge_weight, norm_diff, coords_tanh)
 
 
-def _dense_edge_stage_forward(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr):
-    # Only the node-size inputs are kept: the backward pass recomputes the
-    # pair arrays, which on CPU is faster than reading them back from memory.
-    outputs = _dense_edge_stage(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr)
+def _edge_stage_forward(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr):
+    # Only the node-size inputs are kept. The backward pass computes the
+    # pair arrays again, which on CPU is faster than storing them and
+    # reading them back from memory.
+    outputs = _edge_stage(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr)
     return outputs, (weights, receiver_part, sender_part, x, edge_attr)
 
 
-def _dense_edge_stage_backward(norm_diff, coords_tanh, residuals, cotangents):
+def _edge_stage_backward(norm_diff, coords_tanh, residuals, cotangents):
     weights, receiver_part, sender_part, x, edge_attr = residuals
-    incoming_grad, shift_grad = cotangents  # [H, b, N], [b, N, 3]
+    incoming_grad, shift_grad = cotangents  # [b, N, H], [b, N, 3]
     b, n, hidden = receiver_part.shape
-    pair_features, features_vjp = jax.vjp(_pair_features, x, edge_attr)
-    pre_1, pre_2, pre_3 = _pair_mlp_forward(weights, receiver_part, sender_part, pair_features)
+    pair_features, pair_features_vjp = jax.vjp(_pair_features, x, edge_attr)
+    pre_1, pre_2, pre_3 = _pair_mlp(weights, receiver_part, sender_part, pair_features)
     hidden_1, slope_1 = _silu_and_derivative(pre_1)  # [E, H]
     messages, slope_2 = _silu_and_derivative(pre_2)  # [H, E]
     hidden_3, slope_3 = _silu_and_derivative(pre_3)  # [H, E]
     edge_weight = (weights.phi_x_kernel_1[:, 0] @ hidden_3).reshape(b, n, n)
 
-    # The clip, tanh and norm of the coordinate update act on [b, N, N, 3]
-    # arrays, so plain autodiff is cheap there.
+    # The tanh, norm and clip of the coordinate update act on [b, N, N, 3]
+    # arrays, small enough for plain autodiff.
     _, shift_vjp = jax.vjp(lambda x, w: _mean_shift(x, w, norm_diff, coords_tanh), x, edge_weight)
     x_grad, edge_weight_grad = shift_vjp(shift_grad)
     edge_weight_grad = edge_weight_grad.reshape(1, -1)  # [1, E]
 
+    # phi_x, backwards from its output.
     phi_x_kernel_1_grad = hidden_3 @ edge_weight_grad.T  # [H, 1]
     pre_3_grad = weights.phi_x_kernel_1 * edge_weight_grad * slope_3  # [H, E]
     phi_x_kernel_0_grad = messages @ pre_3_grad.T
     phi_x_bias_0_grad = jnp.sum(pre_3_grad, axis=1)
 
-    incoming_grad = jnp.where(_off_diagonal(n), incoming_grad[:, :, :, None], 0.0).reshape(hidden, -1)
+    # The messages feed phi_x and, off the diagonal, the sum over senders.
+    incoming_grad = jnp.transpose(incoming_grad, (2, 0, 1))[:, :, :, None]  # [H, b, N, 1]
+    incoming_grad = jnp.where(_off_diagonal(n), incoming_grad, 0.0).reshape(hidden, -1)
     pre_2_grad = (weights.phi_x_kernel_0 @ pre_3_grad + incoming_grad) * slope_2  # [H, E]
-    phi_e_kernel_1_grad = _contract_rows(hidden_1, pre_2_grad)
+    phi_e_kernel_1_grad = _sum_over_pairs(hidden_1, pre_2_grad)
     phi_e_bias_1_grad = jnp.sum(pre_2_grad, axis=1)
 
     pre_1_grad = (pre_2_grad.T @ weights.phi_e_kernel_1.T) * slope_1  # [E, H]
     feature_rows = pair_features.reshape(-1, pair_features.shape[-1])  # [E, 1 + A]
     pair_kernel_grad = feature_rows.T @ pre_1_grad  # [1 + A, H]
-    features_x_grad, edge_attr_grad = features_vjp((pre_1_grad @ weights.pair_kernel.T).reshape(pair_features.shape))
+    pair_features_grad = (pre_1_grad @ weights.pair_kernel.T).reshape(pair_features.shape)
+    features_x_grad, edge_attr_grad = pair_features_vjp(pair_features_grad)
     weights_grad = PairWeights(
         pair_kernel_grad,
         phi_e_kernel_1_grad,
@@ -448,8 +454,8 @@ def _dense_edge_stage_backward(norm_diff, coords_tanh, residuals, cotangents):
     return weights_grad, receiver_grad, sender_grad, x_grad + features_x_grad, edge_attr_grad
 
 
-_fused_edge_stage = jax.custom_vjp(_dense_edge_stage, nondiff_argnums=(0, 1))
-_fused_edge_stage.defvjp(_dense_edge_stage_forward, _dense_edge_stage_backward)
+_fused_edge_stage = jax.custom_vjp(_edge_stage, nondiff_argnums=(0, 1))
+_fused_edge_stage.defvjp(_edge_stage_forward, _edge_stage_backward)
 
 
 def dense_edge_stage(
@@ -464,26 +470,23 @@ def dense_edge_stage(
 ) -> tuple[jax.Array, jax.Array]:
     """Compute one layer's per-pair work on systems ``[b, N, ...]`` and reduce it per receiver.
 
-    Pair arrays are feature-major, ``[H, b, N, N]``: the weight gradients
-    then contract the minor axis of both operands, and XLA's CPU backend
-    needs no transposed copy of a pair array.
-
     Args:
       weights: the per-pair parameters of phi_e and phi_x.
-      receiver_rows: ``h_i`` times phi_e's receiver rows, plus its bias, ``[H, b, N]``.
-      sender_rows: ``h_j`` times phi_e's sender rows, ``[H, b, N]``.
+      receiver_part: ``h_i`` times phi_e's receiver rows, plus its bias, ``[b, N, H]``.
+      sender_part: ``h_j`` times phi_e's sender rows, ``[b, N, H]``.
       x: positions ``[b, N, 3]``.
-      edge_features: ``[A, b, N, N]``, any values on the diagonal.
+      edge_attr: ``[b, N, N, A]``, any values on the diagonal.
       norm_diff, coords_tanh: as in :class:`EGNNLayer`.
 
     Returns:
-      ``(incoming, shift)``: ``sum_{j != i} m_ij`` ``[H, b, N]`` and
+      ``(incoming, shift)``: ``sum_{j != i} m_ij`` ``[b, N, H]`` and
       ``1/(N-1) sum_j clip((x_i - x_j) phi_x(m_ij))`` ``[b, N, 3]``.
 
-    The gradient is written out by hand (``jax.custom_vjp``): it keeps
-    only the inputs, recomputes the pair arrays once, and takes every sum
-    over pairs as one matrix product. It equals autodiff of the same
-    function up to rounding. Pure; jit-, vmap- and scan-able.
+    The gradient is written out by hand (``jax.custom_vjp``). It keeps only
+    the inputs, computes the ``b N N x H`` pair arrays once more, and
+    takes each weight gradient as one matrix product over all pairs. It
+    equals autodiff of the forward pass up to rounding. Pure; jit-, vmap-
+    and scan-able.
     """
     return _fused_edge_stage(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr)
 
@@ -506,10 +509,9 @@ class DenseEGNNLayer(nn.Module):
     ``(i, j)`` with ``i != j`` is an edge. Returns the updated ``(h, x)``.
 
     With ``chunk_bytes > 0`` the pair work (:func:`dense_edge_stage`) runs
-    under ``jax.lax.map`` over chunks of systems, each wrapped in
-    ``jax.checkpoint``: the backward pass recomputes a chunk's pair arrays
-    instead of storing them, which costs two more ``[b N N, H] x [H, H]``
-    matmuls per layer and keeps the stored activations at node size.
+    under ``jax.lax.map``, one chunk of systems at a time, so that a
+    chunk's pair arrays stay in cache through the forward pass and again
+    through the backward pass, which computes them once more.
     """
 
     hidden_dim: int
@@ -522,18 +524,17 @@ class DenseEGNNLayer(nn.Module):
     def __call__(self, h, x, v, edge_attr):
         dtype = self.param_dtype
         hidden = self.hidden_dim
-        fan_in = 2 * h.shape[-1] + 1 + edge_attr.shape[-1]
-        phi_e = MLPWeights(hidden, hidden, param_dtype=dtype, name="phi_e")(fan_in)
+        feature_dim = h.shape[-1]
+        fan_in = 2 * feature_dim + 1 + edge_attr.shape[-1]
+        (kernel_0, bias_0), (kernel_1, bias_1) = MLPWeights(hidden, hidden, param_dtype=dtype, name="phi_e")(fan_in)
         phi_x = MLPWeights(
             hidden, 1, final_bias=False, final_kernel_init=xavier_uniform_init(0.001), param_dtype=dtype, name="phi_x"
         )(hidden)
-        (kernel_0, bias_0), (kernel_1, bias_1) = phi_e
-        feature_dim = h.shape[-1]
+        weights = PairWeights(kernel_0[2 * feature_dim :], kernel_1, bias_1, *phi_x[0], phi_x[1][0])
+        stage = functools.partial(dense_edge_stage, weights, norm_diff=self.norm_diff, coords_tanh=self.coords_tanh)
         # phi_e's first layer on [h_i, h_j, ...]: the h blocks act once per node.
         receiver_part = h @ kernel_0[:feature_dim] + bias_0  # [B, N, H]
         sender_part = h @ kernel_0[feature_dim : 2 * feature_dim]  # [B, N, H]
-        weights = PairWeights(kernel_0[2 * feature_dim :], kernel_1, bias_1, *phi_x[0], phi_x[1][0])
-        stage = functools.partial(dense_edge_stage, weights, norm_diff=self.norm_diff, coords_tanh=self.coords_tanh)
         arrays = (receiver_part, sender_part, x, edge_attr)
 
         batch_size, n_particles = x.shape[:2]
@@ -548,9 +549,8 @@ class DenseEGNNLayer(nn.Module):
                 return values.reshape(batch_size // chunk, chunk, *values.shape[1:])  # [B/b, b, ...]
 
             incoming, shift = jax.lax.map(lambda chunk_arrays: stage(*chunk_arrays), tuple(map(split, arrays)))
-            incoming = jnp.moveaxis(incoming, 0, 1).reshape(hidden, batch_size, n_particles)
+            incoming = incoming.reshape(batch_size, n_particles, hidden)
             shift = shift.reshape(batch_size, n_particles, 3)
-        incoming = jnp.transpose(incoming, (1, 2, 0))  # [B, N, H]
 
         velocity_weight = MLP(hidden, 1, param_dtype=dtype, name="phi_v")(h)  # [B, N, 1], from the old h
         x = x + shift + velocity_weight * v
