@@ -22,7 +22,7 @@ counted (activations, clips and sums are not). Per layer and directed edge
 The embedding adds ``2 H`` per node. At H=64 an edge costs 17,024 FLOPs
 per layer. A training step counts 3 times the forward FLOPs (the backward pass
 of an affine layer is two matmuls of the forward's size). The dense path's
-recomputation under ``jax.checkpoint`` and the segment path's per-edge
+recomputation of the pair arrays in the backward pass and the segment path's per-edge
 first layer are not counted: the count is the model's, so GFLOP/s compare
 the implementations on equal work.
 """
