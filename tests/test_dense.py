@@ -205,6 +205,23 @@ def test_pair_stage_grad_matches_autodiff(norm_diff, coords_tanh, x_scale):
         )
 
 
+def test_dense_grad_under_vmap_matches_loop():
+    """The seed sweep vmaps the training step, so the custom VJP must batch over parameter sets."""
+    dense, segment = _models(CONFIGS[5])
+    graph = _batch()
+    param_sets = [_random_params(segment, graph, jax.random.key(seed)) for seed in (3, 4)]
+    grad = _output_loss_and_grad(dense)
+    stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *param_sets)
+
+    (losses, _), grads = jax.vmap(grad, in_axes=(0, None))(stacked, graph)
+
+    for index, params in enumerate(param_sets):
+        (loss, _), expected = grad(params, graph)
+        np.testing.assert_allclose(losses[index], loss, rtol=1e-5)
+        vmapped = jax.tree_util.tree_map(lambda leaf: leaf[index], grads)
+        chex.assert_trees_all_close(vmapped, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_dense_padding_outputs_finite():
     dense, _ = _models(CONFIGS[5])
     graph = _batch()
