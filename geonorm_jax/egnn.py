@@ -329,14 +329,20 @@ class PairWeights(NamedTuple):
 
 
 def _pair_features(x: jax.Array, edge_attr: jax.Array) -> jax.Array:
-    """``[|x_i - x_j|**2, a_ij]``, ``[b, N, N, 1 + A]``, from ``x [b, N, 3]`` and ``edge_attr [b, N, N, A]``."""
+    """Stack ``[|x_i - x_j|**2, a_ij]`` per pair.
+
+    ``x [b, N, 3]`` and ``edge_attr [b, N, N, A]`` give ``[b, N, N, 1 + A]``.
+    """
     diff = x[:, :, None, :] - x[:, None, :, :]  # [b, N, N, 3], x_i - x_j
     radial = jnp.sum(diff**2, axis=-1, keepdims=True)
     return jnp.concatenate([radial, edge_attr], axis=-1)
 
 
 def _mean_shift(x: jax.Array, edge_weight: jax.Array, norm_diff: bool, coords_tanh: bool) -> jax.Array:
-    """``1/(N-1) sum_j clip((x_i - x_j) w_ij, -100, 100)``, ``[b, N, 3]``, for ``edge_weight`` w ``[b, N, N]``."""
+    """Compute the coordinate update ``1/(N-1) sum_j clip((x_i - x_j) w_ij, -100, 100)``.
+
+    ``x [b, N, 3]`` and ``edge_weight`` w ``[b, N, N]`` give ``[b, N, 3]``.
+    """
     n_particles = x.shape[-2]
     diff = x[:, :, None, :] - x[:, None, :, :]  # [b, N, N, 3]
     edge_weight = edge_weight[..., None]
@@ -350,12 +356,12 @@ def _mean_shift(x: jax.Array, edge_weight: jax.Array, norm_diff: bool, coords_ta
 
 
 def _sum_over_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``sum_e a[e, p] b[q, e]`` for ``a [E, P]`` and ``b [Q, E]``; ``[P, Q]``."""
+    """Return ``sum_e a[e, p] b[q, e]``, ``[P, Q]``, for ``a [E, P]`` and ``b [Q, E]``."""
     return jax.lax.dot_general(a, b, (((0,), (1,)), ((), ())))
 
 
 def _off_diagonal(n_particles: int) -> jax.Array:
-    """``[N, N]`` mask, False where ``i == j``."""
+    """Return the ``[N, N]`` mask that is False where ``i == j``."""
     return ~jnp.eye(n_particles, dtype=bool)
 
 
