@@ -22,9 +22,9 @@ counted (activations, clips and sums are not). Per layer and directed edge
 The embedding adds ``2 H`` per node. At H=64 an edge costs 17,024 FLOPs
 per layer. A training step counts 3 times the forward FLOPs (the backward pass
 of an affine layer is two matmuls of the forward's size). The dense path's
-recomputation of the pair arrays in the backward pass and the segment path's per-edge
-first layer are not counted: the count is the model's, so GFLOP/s compare
-the implementations on equal work.
+recomputation of the pair arrays in the backward pass and the segment
+path's per-edge first layer are not counted. The count is the model's, so
+GFLOP/s compare the implementations on equal work.
 """
 
 from __future__ import annotations

@@ -54,9 +54,9 @@ COORDINATE_CLIP = 100.0
 # N=50 model at the same speed, about 1.3x faster than 6.4 MB chunks.
 CPU_CHUNK_BYTES = 4 * 2**20
 
-# NOTE: measured, not derived. On a 2-core AMD EPYC (jax 0.10.2) the two paths
-# trained N=5 batches of 100 at the same speed within 5%, and the dense path
-# was 1.1x faster at N=10 and 2x faster at N=20.
+# NOTE: measured, not derived. On a 2-core AMD EPYC (jax 0.10.2) the segment
+# path trained N=5 batches of 100 8 to 16% faster than the dense path, and the
+# dense path was 1.1x faster at N=10 (batch 50) and 2x faster at N=20.
 DENSE_MIN_PARTICLES = 10
 
 
@@ -307,7 +307,7 @@ def _silu(x: jax.Array) -> jax.Array:
 
 
 def _silu_and_derivative(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Return ``(silu(x), silu'(x))``; ``silu' = s (1 + x (1 - s))`` with ``s = sigmoid(x)`` in tanh form."""
+    """Return ``(silu(x), silu'(x))``, with ``silu' = s (1 + x (1 - s))`` and ``s = sigmoid(x)`` in tanh form."""
     sigmoid = 0.5 + 0.5 * jnp.tanh(0.5 * x)
     return x * sigmoid, sigmoid * (1.0 + x * (1.0 - sigmoid))
 
@@ -316,7 +316,7 @@ class PairWeights(NamedTuple):
     """The parameters that act per pair in :func:`dense_edge_stage`.
 
     phi_e's first layer acts on ``[h_i, h_j, |x_i - x_j|**2, a_ij]``. Its
-    ``h`` rows act once per node, before the pair stage; its other rows
+    ``h`` rows act once per node, before the pair stage. Its other rows
     are ``pair_kernel``.
     """
 
@@ -428,7 +428,7 @@ def _edge_stage_backward(norm_diff, coords_tanh, residuals, cotangents):
     x_grad, edge_weight_grad = shift_vjp(shift_grad)
     edge_weight_grad = edge_weight_grad.reshape(1, -1)  # [1, E]
 
-    # phi_x, backwards from its output.
+    # Gradients of phi_x, from its output backwards.
     phi_x_kernel_1_grad = hidden_3 @ edge_weight_grad.T  # [H, 1]
     pre_3_grad = weights.phi_x_kernel_1 * edge_weight_grad * slope_3  # [H, E]
     phi_x_kernel_0_grad = messages @ pre_3_grad.T
@@ -491,8 +491,8 @@ def dense_edge_stage(
     The gradient is written out by hand (``jax.custom_vjp``). It keeps only
     the inputs, computes the ``b N N x H`` pair arrays once more, and
     takes each weight gradient as one matrix product over all pairs. It
-    equals autodiff of the forward pass up to rounding. Pure; jit-, vmap-
-    and scan-able.
+    equals autodiff of the forward pass up to rounding. The function is
+    pure and can be jitted, vmapped and scanned.
     """
     return _fused_edge_stage(norm_diff, coords_tanh, weights, receiver_part, sender_part, x, edge_attr)
 
