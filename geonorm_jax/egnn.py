@@ -12,7 +12,8 @@ Layer sizes, activations and initializers follow the reference PyTorch
 code (vgsatorras/egnn, ``E_GCL_vel`` and ``EGNN_vel``): 4 layers of width
 64 have 134,020 parameters.
 
-Two implementations share one parameter pytree:
+Two implementations share one parameter pytree, and both apply phi_e's
+first layer to ``h`` once per node (:func:`phi_e_node_parts`):
 
 * the segment path (:class:`EGNNLayer` with :class:`SegmentMessagePassing`)
   gathers node values per edge of a jraph edge list and sums them back with
@@ -20,15 +21,15 @@ Two implementations share one parameter pytree:
 * the dense path (:class:`DenseEGNNLayer`) views a batch in the layout of
   :func:`geonorm_jax.graphs.build_graphs` as ``[B, N, ...]`` node arrays and
   ``[B, N, N, ...]`` pair arrays. Sums over senders become reductions over
-  an axis, and phi_e's first layer multiplies ``h`` once per node instead
-  of once per edge. The pair stage's gradient is written out by hand
+  an axis. The pair stage's gradient is written out by hand
   (:func:`dense_edge_stage`). On CPU the pair work runs one chunk of
   systems at a time, so that its ``[b, N, N, H]`` arrays stay in cache.
 
 :class:`EGNN` takes the dense path when the batch has that layout and
 systems of at least :data:`DENSE_MIN_PARTICLES` particles, and the segment
-path otherwise. Both give the same outputs up to float32
-rounding.
+path otherwise. Both give the same outputs up to float32 rounding. A third,
+naive path (``message_passing="naive"``) is the segment path with phi_e
+applied to the concatenated per-edge input, as in the reference code.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from geonorm_jax import geometry, graphs, norms
 
 NORMS = ("none", "layernorm", "scalenorm", "geonorm")
 PLACEMENTS = ("between", "every")
-MESSAGE_PASSING = ("auto", "dense", "segment")
+MESSAGE_PASSING = ("auto", "dense", "segment", "naive")
 COORDINATE_CLIP = 100.0
 
 # NOTE: chosen by measurement, not derived: on a 2-core AMD EPYC (Zen 4, 1 MiB
@@ -200,18 +201,75 @@ class MLP(nn.Module):
         return nn.silu(x) if self.final_activation else x
 
 
+class MLPWeights(nn.Module):
+    """The parameters of an :class:`MLP` with the same settings, returned instead of applied.
+
+    Returns ``((kernel_0, bias_0), (kernel_1, bias_1))``, ``bias_1`` None
+    without a final bias.
+    """
+
+    hidden_dim: int
+    out_dim: int
+    final_bias: bool = True
+    final_kernel_init: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, fan_in: int):
+        first = LinearWeights(self.hidden_dim, param_dtype=self.param_dtype, name="Linear_0")(fan_in)
+        last = LinearWeights(
+            self.out_dim,
+            use_bias=self.final_bias,
+            kernel_init=self.final_kernel_init,
+            param_dtype=self.param_dtype,
+            name="Linear_1",
+        )(self.hidden_dim)
+        return first, last
+
+
+def _silu(x: jax.Array) -> jax.Array:
+    """SiLU as ``x (1 + tanh(x / 2)) / 2``, equal to ``x sigmoid(x)`` up to rounding.
+
+    NOTE: on XLA's CPU backend (jax 0.10.2) ``nn.silu`` lowers to an exp and
+    a division per element. The tanh form trained the dense N=50 model about
+    1.25x faster on a 2-core AMD EPYC, and it differs from ``nn.silu`` by a
+    few float32 ulp.
+    """
+    return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
+
+
+def phi_e_node_parts(h: jax.Array, kernel_0: jax.Array, bias_0: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Apply phi_e's first layer to the ``h`` blocks of its input ``[h_i, h_j, ...]``, once per node.
+
+    ``h [..., F]`` and the layer's ``kernel_0 [2 F + 1 + A, H]`` and
+    ``bias_0 [H]`` give ``(receiver_part, sender_part)``, each ``[..., H]``:
+    ``h @ kernel_0[:F] + bias_0`` and ``h @ kernel_0[F:2F]``. An edge's
+    pre-activation is ``receiver_part[i] + sender_part[j]`` plus the
+    remaining rows applied to ``[|x_i - x_j|**2, a_ij]``, the same affine map
+    at ``2 F`` multiply-adds per node instead of per edge.
+    """
+    feature_dim = h.shape[-1]
+    return h @ kernel_0[:feature_dim] + bias_0, h @ kernel_0[feature_dim : 2 * feature_dim]
+
+
 class EGNNLayer(nn.Module):
     """One EGNN_vel layer: message, coordinate update, feature update.
 
     Call with ``h [n, H]``, ``x [n, 3]``, ``v [n, 3]``, edge attributes
     ``[e, A]`` and a message-passing object (see
     :class:`SegmentMessagePassing`). Returns the updated ``(h, x)``.
+
+    With ``phi_e_per_node`` (the default) phi_e's first layer multiplies
+    ``h`` once per node (:func:`phi_e_node_parts`). Without it, phi_e acts
+    on the concatenated per-edge input, line for line the reference code.
+    Both have the same parameters and agree up to float32 rounding.
     """
 
     hidden_dim: int
     norm_diff: bool = False
     coords_tanh: bool = False
     param_dtype: Any = jnp.float32
+    phi_e_per_node: bool = True
 
     @nn.compact
     def __call__(self, h, x, v, edge_attr, message_passing: SegmentMessagePassing):
@@ -219,12 +277,25 @@ class EGNNLayer(nn.Module):
         diff = message_passing.at_receivers(x) - message_passing.at_senders(x)  # [e, 3], x_i - x_j
         radial = jnp.sum(diff**2, axis=-1, keepdims=True)  # [e, 1]
 
-        edge_input = jnp.concatenate(
-            [message_passing.at_receivers(h), message_passing.at_senders(h), radial, edge_attr], axis=-1
-        )  # [e, 2H + 1 + A]
-        messages = MLP(self.hidden_dim, self.hidden_dim, final_activation=True, param_dtype=dtype, name="phi_e")(
-            edge_input
-        )  # [e, H]
+        if self.phi_e_per_node:
+            fan_in = 2 * h.shape[-1] + 1 + edge_attr.shape[-1]
+            (kernel_0, bias_0), (kernel_1, bias_1) = MLPWeights(
+                self.hidden_dim, self.hidden_dim, param_dtype=dtype, name="phi_e"
+            )(fan_in)
+            receiver_part, sender_part = phi_e_node_parts(h, kernel_0, bias_0)  # [n, H] each
+            pre_activation = (
+                message_passing.at_receivers(receiver_part)
+                + message_passing.at_senders(sender_part)
+                + jnp.concatenate([radial, edge_attr], axis=-1) @ kernel_0[2 * h.shape[-1] :]
+            )  # [e, H]
+            messages = _silu(_silu(pre_activation) @ kernel_1 + bias_1)  # [e, H]
+        else:
+            edge_input = jnp.concatenate(
+                [message_passing.at_receivers(h), message_passing.at_senders(h), radial, edge_attr], axis=-1
+            )  # [e, 2H + 1 + A]
+            messages = MLP(self.hidden_dim, self.hidden_dim, final_activation=True, param_dtype=dtype, name="phi_e")(
+                edge_input
+            )  # [e, H]
 
         if self.norm_diff:
             diff = diff / (geometry.safe_norm(diff, keepdims=True) + 1.0)
@@ -267,43 +338,6 @@ def edges_to_dense(edge_values: jax.Array, batch_size: int, n_particles: int) ->
     values = values.reshape(batch_size, (n - 1) * (n + 1), *tail)
     values = jnp.pad(values, [(0, 0), (1, 0)] + [(0, 0)] * len(tail))  # [B, N*N, ...]
     return values.reshape(batch_size, n, n, *tail)
-
-
-class MLPWeights(nn.Module):
-    """The parameters of an :class:`MLP` with the same settings, returned instead of applied.
-
-    Returns ``((kernel_0, bias_0), (kernel_1, bias_1))``, ``bias_1`` None
-    without a final bias.
-    """
-
-    hidden_dim: int
-    out_dim: int
-    final_bias: bool = True
-    final_kernel_init: Any = None
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, fan_in: int):
-        first = LinearWeights(self.hidden_dim, param_dtype=self.param_dtype, name="Linear_0")(fan_in)
-        last = LinearWeights(
-            self.out_dim,
-            use_bias=self.final_bias,
-            kernel_init=self.final_kernel_init,
-            param_dtype=self.param_dtype,
-            name="Linear_1",
-        )(self.hidden_dim)
-        return first, last
-
-
-def _silu(x: jax.Array) -> jax.Array:
-    """SiLU as ``x (1 + tanh(x / 2)) / 2``, equal to ``x sigmoid(x)`` up to rounding.
-
-    NOTE: on XLA's CPU backend (jax 0.10.2) ``nn.silu`` lowers to an exp and
-    a division per element. The tanh form trained the dense N=50 model about
-    1.25x faster on a 2-core AMD EPYC, and it differs from ``nn.silu`` by a
-    few float32 ulp.
-    """
-    return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
 
 
 def _silu_and_derivative(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -538,9 +572,7 @@ class DenseEGNNLayer(nn.Module):
         )(hidden)
         weights = PairWeights(kernel_0[2 * feature_dim :], kernel_1, bias_1, *phi_x[0], phi_x[1][0])
         stage = functools.partial(dense_edge_stage, weights, norm_diff=self.norm_diff, coords_tanh=self.coords_tanh)
-        # phi_e's first layer on [h_i, h_j, ...]: the h blocks act once per node.
-        receiver_part = h @ kernel_0[:feature_dim] + bias_0  # [B, N, H]
-        sender_part = h @ kernel_0[feature_dim : 2 * feature_dim]  # [B, N, H]
+        receiver_part, sender_part = phi_e_node_parts(h, kernel_0, bias_0)  # [B, N, H] each
         arrays = (receiver_part, sender_part, x, edge_attr)
 
         batch_size, n_particles = x.shape[:2]
@@ -601,7 +633,10 @@ class EGNN(nn.Module):
       message_passing: ``"auto"`` (dense when
         :func:`geonorm_jax.graphs.dense_shape` matches the batch and
         ``N >= DENSE_MIN_PARTICLES``, segment otherwise), ``"dense"``
-        (raises on other batches) or ``"segment"``.
+        (raises on other batches), ``"segment"``, or ``"naive"``: the
+        segment path with phi_e applied to the concatenated per-edge input,
+        line for line the reference code. The naive path is the slowest and
+        is kept as the benchmarks' baseline.
       chunk_bytes: dense path only. The pair arrays of one layer are
         computed for as many systems at a time as keep one ``[b, N, N, H]``
         float32 array within this many bytes (a divisor of ``B``, at least
@@ -667,7 +702,7 @@ class EGNN(nn.Module):
             )
         if self.chunk_bytes is not None and self.chunk_bytes < 0:
             raise ValueError(f"invalid EGNN chunk_bytes {self.chunk_bytes}; expected None, 0 or a positive size")
-        if self.message_passing == "segment":
+        if self.message_passing in ("segment", "naive"):
             return None
         shape = graphs.dense_shape(graph)
         if self.message_passing == "auto" and shape is not None and shape[1] < DENSE_MIN_PARTICLES:
@@ -692,7 +727,7 @@ class EGNN(nn.Module):
                 # NOTE: the dense path has not been timed on a GPU or TPU.
                 chunk_bytes = CPU_CHUNK_BYTES if jax.default_backend() == "cpu" else 0
             return DenseEGNNLayer(self.hidden_dim, chunk_bytes=chunk_bytes, **options)
-        return EGNNLayer(self.hidden_dim, **options)
+        return EGNNLayer(self.hidden_dim, phi_e_per_node=self.message_passing != "naive", **options)
 
     def _after_layer(self, layer: int, h, x, mu0, index):
         """Apply the optional feature LayerNorm and coordinate norm that follow layer ``layer``."""

@@ -1,4 +1,4 @@
-"""Tests of the EGNN's dense path: agreement with the segment path, fallback, equivariance."""
+"""Tests of the EGNN's dense and segment paths: agreement with the naive path, fallback, equivariance."""
 
 import functools
 
@@ -16,7 +16,7 @@ NUM_SYSTEMS = 3
 BATCH_SIZE = 5  # two systems of padding in the dense view, plus the padding graph's extra node
 SMALL = dict(num_layers=2, hidden_dim=8, num_particles=N)
 # One system's [N, N, H] float32 pair array is 512 bytes, so this runs the
-# pair work in chunks of one system and exercises jax.lax.map and jax.checkpoint.
+# pair work in chunks of one system and exercises jax.lax.map.
 ONE_SYSTEM_CHUNKS = 512
 
 CONFIGS = [
@@ -66,10 +66,12 @@ def _random_params(model, graph, key):
 
 
 def _models(config, dtype=jnp.float32, chunk_bytes=ONE_SYSTEM_CHUNKS):
+    """Return the dense, segment and naive models of one configuration."""
     options = dict(param_dtype=dtype, **SMALL, **config)
     dense = egnn.EGNN(message_passing="dense", chunk_bytes=chunk_bytes, **options)
     segment = egnn.EGNN(message_passing="segment", **options)
-    return dense, segment
+    naive = egnn.EGNN(message_passing="naive", **options)
+    return dense, segment, naive
 
 
 def _output_loss_and_grad(model):
@@ -85,29 +87,31 @@ def _output_loss_and_grad(model):
 def _outputs_and_grads(config, dtype_name, chunk_bytes=ONE_SYSTEM_CHUNKS):
     dtype = jnp.dtype(dtype_name)
     graph = _batch(np.dtype(dtype_name))
-    dense, segment = _models(config, dtype, chunk_bytes)
+    dense, segment, naive = _models(config, dtype, chunk_bytes)
     params = _random_params(segment, graph, jax.random.key(1))
     results = {}
-    for name, model in (("dense", dense), ("segment", segment)):
+    for name, model in (("dense", dense), ("segment", segment), ("naive", naive)):
         (loss, out), grad = _output_loss_and_grad(model)(params, graph)
         results[name] = (np.asarray(out), float(loss), grad)
     return results
 
 
 def _assert_paths_agree(results, rtol, atol):
+    """Check the dense and segment paths' outputs, losses and gradients against the naive path's."""
     n_real = NUM_SYSTEMS * N
-    dense_out, dense_loss, dense_grad = results["dense"]
-    segment_out, segment_loss, segment_grad = results["segment"]
-    scale = np.abs(segment_out[:n_real]).max()
-    np.testing.assert_allclose(dense_out[:n_real], segment_out[:n_real], rtol=rtol, atol=atol * scale)
-    np.testing.assert_allclose(dense_loss, segment_loss, rtol=rtol)
-    chex.assert_trees_all_equal_structs(dense_grad, segment_grad)
-    for path, dense_leaf in jax.tree_util.tree_leaves_with_path(dense_grad):
-        segment_leaf = np.asarray(functools.reduce(lambda tree, entry: tree[entry.key], path, segment_grad))
-        leaf_scale = max(np.abs(segment_leaf).max(), 1e-30)
-        np.testing.assert_allclose(
-            dense_leaf, segment_leaf, rtol=rtol, atol=atol * leaf_scale, err_msg=jax.tree_util.keystr(path)
-        )
+    naive_out, naive_loss, naive_grad = results["naive"]
+    scale = np.abs(naive_out[:n_real]).max()
+    for name in ("dense", "segment"):
+        out, loss, grad = results[name]
+        np.testing.assert_allclose(out[:n_real], naive_out[:n_real], rtol=rtol, atol=atol * scale, err_msg=name)
+        np.testing.assert_allclose(loss, naive_loss, rtol=rtol, err_msg=name)
+        chex.assert_trees_all_equal_structs(grad, naive_grad)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(grad):
+            naive_leaf = np.asarray(functools.reduce(lambda tree, entry: tree[entry.key], path, naive_grad))
+            leaf_scale = max(np.abs(naive_leaf).max(), 1e-30)
+            np.testing.assert_allclose(
+                leaf, naive_leaf, rtol=rtol, atol=atol * leaf_scale, err_msg=f"{name} {jax.tree_util.keystr(path)}"
+            )
 
 
 # --- Parameters and layout ------------------------------------------------------------
@@ -128,30 +132,29 @@ def test_edges_to_dense_matches_senders_and_receivers():
 
 
 @pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[7]], ids=_config_id)
-def test_dense_init_equals_segment_init(config):
-    dense, segment = _models(config)
+def test_all_paths_init_the_same_params(config):
     graph = _batch()
-    dense_params = jax.jit(dense.init)(jax.random.key(2), graph)
-    segment_params = jax.jit(segment.init)(jax.random.key(2), graph)
-    chex.assert_trees_all_equal(dense_params, segment_params)
+    dense, segment, naive = (jax.jit(model.init)(jax.random.key(2), graph) for model in _models(config))
+    chex.assert_trees_all_equal(dense, naive)
+    chex.assert_trees_all_equal(segment, naive)
 
 
-# --- Agreement of the two paths ---------------------------------------------------------
+# --- Agreement of the paths ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
-def test_dense_matches_segment_float32(config):
+def test_paths_match_naive_float32(config):
     _assert_paths_agree(_outputs_and_grads(config, "float32"), rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[5], CONFIGS[7]], ids=_config_id)
-def test_dense_matches_segment_float64(config):
+def test_paths_match_naive_float64(config):
     with jax.enable_x64(True):
         results = _outputs_and_grads(config, "float64")
     _assert_paths_agree(results, rtol=1e-10, atol=1e-12)
 
 
-def test_dense_unchunked_matches_segment():
+def test_dense_unchunked_matches_naive():
     results = _outputs_and_grads(CONFIGS[5], "float32", chunk_bytes=0)
     _assert_paths_agree(results, rtol=2e-4, atol=2e-5)
 
@@ -207,7 +210,7 @@ def test_pair_stage_grad_matches_autodiff(norm_diff, coords_tanh, x_scale):
 
 def test_dense_grad_under_vmap_matches_loop():
     """The seed sweep vmaps the training step, so the custom VJP must batch over parameter sets."""
-    dense, segment = _models(CONFIGS[5])
+    dense, segment, _ = _models(CONFIGS[5])
     graph = _batch()
     param_sets = [_random_params(segment, graph, jax.random.key(seed)) for seed in (3, 4)]
     grad = _output_loss_and_grad(dense)
@@ -223,7 +226,7 @@ def test_dense_grad_under_vmap_matches_loop():
 
 
 def test_dense_padding_outputs_finite():
-    dense, _ = _models(CONFIGS[5])
+    dense, _, _ = _models(CONFIGS[5])
     graph = _batch()
     params = _random_params(dense, graph, jax.random.key(0))
     out = jax.jit(dense.apply)(params, graph)
@@ -285,9 +288,9 @@ def test_invalid_dense_option_raises(attribute, value):
 # --- Equivariance -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("message_passing", ["dense", "segment"])
+@pytest.mark.parametrize("message_passing", ["dense", "segment", "naive"])
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[7]], ids=_config_id)
-def test_equivariant_float32_both_paths(config, message_passing):
+def test_equivariant_float32_every_path(config, message_passing):
     model = egnn.EGNN(message_passing=message_passing, chunk_bytes=ONE_SYSTEM_CHUNKS, **SMALL, **config)
     graph = _batch()
     params = _random_params(model, graph, jax.random.key(0))
