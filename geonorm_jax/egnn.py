@@ -50,14 +50,19 @@ PLACEMENTS = ("between", "every")
 MESSAGE_PASSING = ("auto", "dense", "segment", "naive")
 COORDINATE_CLIP = 100.0
 
-# NOTE: chosen by measurement, not derived: on a 2-core AMD EPYC (Zen 4, 1 MiB
-# L2 per core, 32 MiB L3; jax 0.10.2) chunks of 1.3 to 3.2 MB trained the
-# N=50 model at the same speed, about 1.3x faster than 6.4 MB chunks.
-CPU_CHUNK_BYTES = 4 * 2**20
+# NOTE: both chosen by measurement, not derived, on a 2-core AMD EPYC (Zen 4,
+# 1 MiB L2 per core, 32 MiB L3; jax 0.10.2), training batches of 50. At N=50
+# chunks of 3.2 MB trained 4% faster than chunks of 1.3 MB and 8% faster than
+# 6.4 MB. At N=12, 16 and 20 the whole batch in one piece (1.8 to 5.1 MB)
+# trained 1.3 to 1.8x slower than in chunks of 0.9 to 2.6 MB, while at N=5
+# (batch 100, 0.6 MB) one piece trained 1.25x faster than two chunks.
+CPU_CHUNK_BYTES = 3_276_800
+CPU_WHOLE_BATCH_BYTES = 2**20
 
 # NOTE: measured, not derived. On a 2-core AMD EPYC (jax 0.10.2) the segment
-# path trained N=5 batches of 100 8 to 16% faster than the dense path, and the
-# dense path was 1.1x faster at N=10 (batch 50) and 2x faster at N=20.
+# path trained N=5 batches of 100 1.36x faster than the dense path and N=8
+# batches of 50 1.17x faster. The dense path was 1.2x faster at N=10 and 1.25x
+# at N=12 (batches of 50), and 1.26x at N=8 with batches of 100.
 DENSE_MIN_PARTICLES = 10
 
 
@@ -533,12 +538,31 @@ def dense_edge_stage(
 
 def _chunk_size(batch_size: int, n_particles: int, hidden_dim: int, target_bytes: int) -> int:
     """Return the largest divisor of ``batch_size`` whose ``[b, N, N, H]`` float32 array fits ``target_bytes``."""
-    per_system = n_particles * n_particles * hidden_dim * 4
+    per_system = _pair_array_bytes(1, n_particles, hidden_dim)
     best = 1
     for size in range(1, batch_size + 1):
         if batch_size % size == 0 and size * per_system <= target_bytes:
             best = size
     return best
+
+
+def _pair_array_bytes(batch_size: int, n_particles: int, hidden_dim: int) -> int:
+    """Return the size of one ``[B, N, N, H]`` float32 pair array."""
+    return batch_size * n_particles * n_particles * hidden_dim * 4
+
+
+def cpu_chunk_bytes(batch_size: int, n_particles: int, hidden_dim: int) -> int:
+    """Return the ``chunk_bytes`` that :class:`EGNN` picks on the CPU backend.
+
+    A batch whose ``[B, N, N, H]`` pair array fits
+    :data:`CPU_WHOLE_BATCH_BYTES` runs in one piece (0). A larger one runs
+    in chunks of at most :data:`CPU_CHUNK_BYTES`, and of at most half the
+    batch, so that it never runs in one piece.
+    """
+    batch_bytes = _pair_array_bytes(batch_size, n_particles, hidden_dim)
+    if batch_bytes <= CPU_WHOLE_BATCH_BYTES:
+        return 0
+    return min(CPU_CHUNK_BYTES, batch_bytes // 2)
 
 
 class DenseEGNNLayer(nn.Module):
@@ -641,7 +665,7 @@ class EGNN(nn.Module):
         computed for as many systems at a time as keep one ``[b, N, N, H]``
         float32 array within this many bytes (a divisor of ``B``, at least
         one system). 0 computes the whole batch at once. None picks
-        :data:`CPU_CHUNK_BYTES` on the CPU backend and 0 on others.
+        :func:`cpu_chunk_bytes` on the CPU backend and 0 on others.
     """
 
     num_layers: int = 4
@@ -715,17 +739,19 @@ class EGNN(nn.Module):
             )
         return shape
 
-    def _layer(self, layer: int, dense: bool) -> nn.Module:
+    def _layer(self, layer: int, dense_shape: tuple[int, int] | None) -> nn.Module:
+        """Return layer ``layer``: dense for a ``(B, N)`` batch shape, segment for None."""
         options = dict(
             norm_diff=self.norm_diff, coords_tanh=self.coords_tanh, param_dtype=self.param_dtype, name=f"layer_{layer}"
         )
-        if dense:
+        if dense_shape is not None:
             chunk_bytes = self.chunk_bytes
             if chunk_bytes is None:
                 # Chunks serialize the pair work, which only pays where
                 # cache is the limit, so accelerators get the whole batch.
                 # NOTE: the dense path has not been timed on a GPU or TPU.
-                chunk_bytes = CPU_CHUNK_BYTES if jax.default_backend() == "cpu" else 0
+                on_cpu = jax.default_backend() == "cpu"
+                chunk_bytes = cpu_chunk_bytes(*dense_shape, self.hidden_dim) if on_cpu else 0
             return DenseEGNNLayer(self.hidden_dim, chunk_bytes=chunk_bytes, **options)
         return EGNNLayer(self.hidden_dim, phi_e_per_node=self.message_passing != "naive", **options)
 
@@ -771,7 +797,7 @@ class EGNN(nn.Module):
         h = Linear(self.hidden_dim, param_dtype=self.param_dtype, name="embedding")(graph.nodes["h"])
 
         for layer in range(self.num_layers):
-            h, x = self._layer(layer, dense=False)(h, x, v, edge_attr, segments)
+            h, x = self._layer(layer, None)(h, x, v, edge_attr, segments)
             h, x = self._after_layer(layer, h, x, mu0, index)
         return x
 
@@ -802,7 +828,7 @@ class EGNN(nn.Module):
         h = Linear(self.hidden_dim, param_dtype=self.param_dtype, name="embedding")(dense(graph.nodes["h"]))
 
         for layer in range(self.num_layers):
-            h, x = self._layer(layer, dense=True)(h, x, v, edge_attr)
+            h, x = self._layer(layer, (batch_size, n_particles))(h, x, v, edge_attr)
             h, x = self._after_layer(layer, h, x, mu0, None)
         return jnp.concatenate([x.reshape(n_real, 3), x_all[n_real:]], axis=0)
 

@@ -131,6 +131,19 @@ def test_edges_to_dense_matches_senders_and_receivers():
     np.testing.assert_array_equal(diagonal, 0.0)
 
 
+@pytest.mark.parametrize("batch_size, n_particles", [(100, 5), (50, 8), (50, 12), (50, 16), (50, 50), (50, 100)])
+def test_cpu_chunks_split_batches_above_the_whole_batch_size(batch_size, n_particles):
+    hidden = 64
+    batch_bytes = batch_size * n_particles**2 * hidden * 4
+    chunk_bytes = egnn.cpu_chunk_bytes(batch_size, n_particles, hidden)
+    if batch_bytes <= egnn.CPU_WHOLE_BATCH_BYTES:
+        assert chunk_bytes == 0
+        return
+    chunk = egnn._chunk_size(batch_size, n_particles, hidden, chunk_bytes)
+    assert batch_size % chunk == 0 and chunk < batch_size
+    assert chunk == 1 or chunk * n_particles**2 * hidden * 4 <= egnn.CPU_CHUNK_BYTES
+
+
 @pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[7]], ids=_config_id)
 def test_all_paths_init_the_same_params(config):
     graph = _batch()
