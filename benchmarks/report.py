@@ -5,11 +5,12 @@ Run with ``python -m benchmarks.report`` (``make bench``), or with
 and JSON to ``bench_results/`` (or ``--out``).
 
 For every system size N the EGNN (4 layers, width 64, float32, GeoNorm) is
-timed with the dense implementation and with the segment implementation
-(gather per edge, ``segment_sum`` back). Each case runs in its own Python
-subprocess, so its peak resident memory (``ru_maxrss``) is its own.
-The segment path is the in-run baseline: the speed-up is the ratio of two
-figures measured in the same run.
+timed with each of its implementations: dense, segment (gather per edge,
+``segment_sum`` back) and naive (the segment path with phi_e applied to the
+concatenated per-edge input, as in the reference code). Each case runs in
+its own Python subprocess, so its peak resident memory (``ru_maxrss``) is
+its own. The naive path is the in-run baseline: the speed-up is the ratio
+of two figures measured in the same run.
 
 FLOP convention (``model_flops_per_graph``): a multiply-add counts as 2
 FLOPs, and only the affine layers and phi_e's per-edge input terms are
@@ -22,7 +23,7 @@ counted (activations, clips and sums are not). Per layer and directed edge
 The embedding adds ``2 H`` per node. At H=64 an edge costs 17,024 FLOPs
 per layer. A training step counts 3 times the forward FLOPs (the backward pass
 of an affine layer is two matmuls of the forward's size). The dense path's
-recomputation of the pair arrays in the backward pass and the segment
+recomputation of the pair arrays in the backward pass and the naive
 path's per-edge first layer are not counted. The count is the model's, so
 GFLOP/s compare the implementations on equal work.
 """
@@ -44,11 +45,13 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import bench_data, bench_model
+from geonorm_jax import egnn
 from geonorm_jax.logs import configure_logging
 
 DEFAULT_SIZES = ((5, 100), (20, 50), (50, 50), (100, 50))
 QUICK_SIZES = ((5, 100), (50, 50))
-PATHS = ("dense", "segment")
+PATHS = ("dense", "segment", "naive")
+BASELINE_PATH = "naive"
 NORM = "geonorm"
 NUM_LAYERS = 4
 HIDDEN_DIM = 64
@@ -187,6 +190,11 @@ def _find(cases, n_particles, path):
     return None
 
 
+def _auto_path(n_particles: int) -> str:
+    """Return the path that ``message_passing="auto"`` takes on a batch of ``graphs.build_graphs``."""
+    return "dense" if n_particles >= egnn.DENSE_MIN_PARTICLES else "segment"
+
+
 def format_report(report: dict) -> str:
     """Format :func:`build_report`'s output as Markdown."""
     start, end = report["machine_start"], report["machine_end"]
@@ -201,16 +209,19 @@ def format_report(report: dict) -> str:
         "",
         "## Model throughput (graphs/s)",
         "",
-        "| N | batch | path | train | eval | train speed-up vs segment | train / reference | "
+        f"| N | batch | path | train | eval | train speed-up vs {BASELINE_PATH} | train / reference | "
         "train GFLOP/s | eval GFLOP/s | peak memory GiB | load | compile s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in report["cases"]:
-        segment = _find(report["cases"], case["n_particles"], "segment")
-        speedup = case["train_graphs_per_second"] / segment["train_graphs_per_second"] if segment else None
+        baseline = _find(report["cases"], case["n_particles"], BASELINE_PATH)
+        speedup = case["train_graphs_per_second"] / baseline["train_graphs_per_second"] if baseline else None
         ratio = case["train_ratio_to_reference"]
+        path = case["message_passing"]
+        if path == _auto_path(case["n_particles"]):
+            path += " (auto)"
         lines.append(
-            f"| {case['n_particles']} | {case['batch_size']} | {case['message_passing']} "
+            f"| {case['n_particles']} | {case['batch_size']} | {path} "
             f"| {case['train_graphs_per_second']:.1f} | {case['forward_graphs_per_second']:.1f} "
             f"| {'-' if speedup is None else f'{speedup:.2f}x'} | {'-' if ratio is None else f'{ratio:.2f}x'} "
             f"| {case['train_gflops']:.1f} | {case['eval_gflops']:.1f} | {case['peak_memory_gib']:.2f} "
