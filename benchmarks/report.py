@@ -11,8 +11,8 @@ concatenated per-edge input, as in the reference code). Each case runs in
 its own Python subprocess, so its peak resident memory (``ru_maxrss``) is
 its own. By default every case runs twice, in two rounds over all cases,
 and the report keeps the best rate of each kind and the larger peak
-memory: on the 2-core VM these figures were measured on, whole processes
-sometimes ran about 1.6x slower than the next one. The naive path is the in-run
+memory, because on the 2-core VM these figures were measured on, whole
+processes sometimes ran about 1.6x slower than the next one. The naive path is the in-run
 baseline: the speed-up is the ratio of two figures measured in the same
 run.
 

@@ -132,7 +132,7 @@ def test_edges_to_dense_matches_senders_and_receivers():
 
 
 @pytest.mark.parametrize("batch_size, n_particles", [(100, 5), (50, 8), (50, 12), (50, 16), (50, 50), (50, 100)])
-def test_cpu_chunks_split_batches_above_the_whole_batch_size(batch_size, n_particles):
+def test_cpu_chunks_split_large_batches(batch_size, n_particles):
     hidden = 64
     batch_bytes = batch_size * n_particles**2 * hidden * 4
     chunk_bytes = egnn.cpu_chunk_bytes(batch_size, n_particles, hidden)
@@ -140,7 +140,8 @@ def test_cpu_chunks_split_batches_above_the_whole_batch_size(batch_size, n_parti
         assert chunk_bytes == 0
         return
     chunk = egnn._chunk_size(batch_size, n_particles, hidden, chunk_bytes)
-    assert batch_size % chunk == 0 and chunk < batch_size
+    assert batch_size % chunk == 0
+    assert chunk < batch_size
     assert chunk == 1 or chunk * n_particles**2 * hidden * 4 <= egnn.CPU_CHUNK_BYTES
 
 
