@@ -11,10 +11,10 @@ concatenated per-edge input, as in the reference code). Each case runs in
 its own Python subprocess, so its peak resident memory (``ru_maxrss``) is
 its own. By default every case runs twice, in two rounds over all cases,
 and the report keeps the best rate of each kind and the larger peak
-memory, because on the 2-core VM these figures were measured on, whole
-processes sometimes ran about 1.6x slower than the next one. The naive path is the in-run
-baseline: the speed-up is the ratio of two figures measured in the same
-run.
+memory. On the 2-core VM these figures were measured on, whole processes
+sometimes ran about 1.6x slower than the next one. The naive path is the
+in-run baseline, so the speed-up is the ratio of two figures measured in
+the same run.
 
 FLOP convention (``model_flops_per_graph``): a multiply-add counts as 2
 FLOPs, and only the affine layers and phi_e's per-edge input terms are
@@ -212,11 +212,6 @@ def _find(cases, n_particles, path):
     return None
 
 
-def _auto_path(n_particles: int) -> str:
-    """Return the path that ``message_passing="auto"`` takes on a batch of ``graphs.build_graphs``."""
-    return "dense" if n_particles >= egnn.DENSE_MIN_PARTICLES else "segment"
-
-
 def format_report(report: dict) -> str:
     """Format :func:`build_report`'s output as Markdown."""
     start, end = report["machine_start"], report["machine_end"]
@@ -241,7 +236,7 @@ def format_report(report: dict) -> str:
         speedup = case["train_graphs_per_second"] / baseline["train_graphs_per_second"] if baseline else None
         ratio = case["train_ratio_to_reference"]
         path = case["message_passing"]
-        if path == _auto_path(case["n_particles"]):
+        if path == egnn.auto_message_passing((case["batch_size"], case["n_particles"])):
             path += " (auto)"
         lines.append(
             f"| {case['n_particles']} | {case['batch_size']} | {path} "

@@ -66,6 +66,17 @@ CPU_WHOLE_BATCH_BYTES = 2**20
 DENSE_MIN_PARTICLES = 10
 
 
+def auto_message_passing(dense_shape: tuple[int, int] | None) -> str:
+    """Return the path that ``message_passing="auto"`` takes for a batch's ``graphs.dense_shape``.
+
+    ``"dense"`` for a ``(B, N)`` shape with ``N >= DENSE_MIN_PARTICLES``,
+    ``"segment"`` for smaller systems and for batches without that layout.
+    """
+    if dense_shape is not None and dense_shape[1] >= DENSE_MIN_PARTICLES:
+        return "dense"
+    return "segment"
+
+
 # --- Initializers matching torch.nn.Linear --------------------------------------
 
 
@@ -247,11 +258,11 @@ def phi_e_node_parts(h: jax.Array, kernel_0: jax.Array, bias_0: jax.Array) -> tu
     """Apply phi_e's first layer to the ``h`` blocks of its input ``[h_i, h_j, ...]``, once per node.
 
     ``h [..., F]`` and the layer's ``kernel_0 [2 F + 1 + A, H]`` and
-    ``bias_0 [H]`` give ``(receiver_part, sender_part)``, each ``[..., H]``:
-    ``h @ kernel_0[:F] + bias_0`` and ``h @ kernel_0[F:2F]``. An edge's
+    ``bias_0 [H]`` give ``receiver_part = h @ kernel_0[:F] + bias_0`` and
+    ``sender_part = h @ kernel_0[F:2F]``, each ``[..., H]``. An edge's
     pre-activation is ``receiver_part[i] + sender_part[j]`` plus the
-    remaining rows applied to ``[|x_i - x_j|**2, a_ij]``, the same affine map
-    at ``2 F`` multiply-adds per node instead of per edge.
+    remaining rows applied to ``[|x_i - x_j|**2, a_ij]``. That is the same
+    affine map, at ``2 F`` multiply-adds per node instead of per edge.
     """
     feature_dim = h.shape[-1]
     return h @ kernel_0[:feature_dim] + bias_0, h @ kernel_0[feature_dim : 2 * feature_dim]
@@ -283,7 +294,8 @@ class EGNNLayer(nn.Module):
         radial = jnp.sum(diff**2, axis=-1, keepdims=True)  # [e, 1]
 
         if self.phi_e_per_node:
-            fan_in = 2 * h.shape[-1] + 1 + edge_attr.shape[-1]
+            feature_dim = h.shape[-1]
+            fan_in = 2 * feature_dim + 1 + edge_attr.shape[-1]
             (kernel_0, bias_0), (kernel_1, bias_1) = MLPWeights(
                 self.hidden_dim, self.hidden_dim, param_dtype=dtype, name="phi_e"
             )(fan_in)
@@ -291,7 +303,7 @@ class EGNNLayer(nn.Module):
             pre_activation = (
                 message_passing.at_receivers(receiver_part)
                 + message_passing.at_senders(sender_part)
-                + jnp.concatenate([radial, edge_attr], axis=-1) @ kernel_0[2 * h.shape[-1] :]
+                + jnp.concatenate([radial, edge_attr], axis=-1) @ kernel_0[2 * feature_dim :]
             )  # [e, H]
             messages = _silu(_silu(pre_activation) @ kernel_1 + bias_1)  # [e, H]
         else:
@@ -729,7 +741,7 @@ class EGNN(nn.Module):
         if self.message_passing in ("segment", "naive"):
             return None
         shape = graphs.dense_shape(graph)
-        if self.message_passing == "auto" and shape is not None and shape[1] < DENSE_MIN_PARTICLES:
+        if self.message_passing == "auto" and auto_message_passing(shape) == "segment":
             return None
         if shape is None and self.message_passing == "dense":
             raise ValueError(

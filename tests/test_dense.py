@@ -258,6 +258,12 @@ def _batch_without_dense_layout():
     return jraph.pad_with_graphs(unpadded, n_node=NUM_SYSTEMS * N + 3, n_edge=graph.senders.size + 2, n_graph=5)
 
 
+def test_auto_message_passing_by_shape():
+    assert egnn.auto_message_passing((5, egnn.DENSE_MIN_PARTICLES)) == "dense"
+    assert egnn.auto_message_passing((5, egnn.DENSE_MIN_PARTICLES - 1)) == "segment"
+    assert egnn.auto_message_passing(None) == "segment"
+
+
 def test_auto_uses_dense_on_build_graphs_batch():
     n_particles = egnn.DENSE_MIN_PARTICLES
     graph = _batch(n_particles=n_particles)
