@@ -5,7 +5,9 @@ Run with ``python -m benchmarks.report`` (``make bench``), or with
 and JSON to ``bench_results/`` (or ``--out``).
 
 For every system size N the EGNN (4 layers, width 64, float32, GeoNorm) is
-timed with each of its implementations: dense, segment (gather per edge,
+timed with each of its implementations: fused (the dense path with its
+pair stage in the compiled CPU kernel, left out where
+``geonorm_jax.cpu_kernel`` cannot run), dense, segment (gather per edge,
 ``segment_sum`` back) and naive (the segment path with phi_e applied to the
 concatenated per-edge input, as in the reference code). Each case runs in
 its own Python subprocess, so its peak resident memory (``ru_maxrss``) is
@@ -27,7 +29,7 @@ counted (activations, clips and sums are not). Per layer and directed edge
 The embedding adds ``2 H`` per node. At H=64 an edge costs 17,024 FLOPs
 per layer. A training step counts 3 times the forward FLOPs (the backward pass
 of an affine layer is two matmuls of the forward's size). The dense path's
-recomputation of the pair arrays in the backward pass and the naive
+and fused paths' recomputation of the pair arrays in the backward pass and the naive
 path's per-edge first layer are not counted. The count is the model's, so
 GFLOP/s compare the implementations on equal work.
 """
@@ -49,12 +51,12 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import bench_data, bench_model
-from geonorm_jax import egnn
+from geonorm_jax import cpu_kernel, egnn
 from geonorm_jax.logs import configure_logging
 
 DEFAULT_SIZES = ((5, 100), (20, 50), (50, 50), (100, 50))
 QUICK_SIZES = ((5, 100), (50, 50))
-PATHS = ("dense", "segment", "naive")
+PATHS = ("fused", "dense", "segment", "naive")
 BASELINE_PATH = "naive"
 NORM = "geonorm"
 NUM_LAYERS = 4
@@ -158,10 +160,12 @@ def build_report(
 ) -> dict:
     """Run every measurement and return the report as a dict (see :func:`format_report` for its content)."""
     machine_start = bench_data.machine_info()
+    fused_unavailable = cpu_kernel.unavailable_reason()
+    paths = [path for path in PATHS if path != "fused" or fused_unavailable is None]
     runs = {}
     for round_number in range(1, processes + 1):
         for n_particles, batch_size in sizes:
-            for path in PATHS:
+            for path in paths:
                 logging.info("model N=%d batch=%d path=%s, round %d", n_particles, batch_size, path, round_number)
                 run = _run_case(n_particles, batch_size, path, min_seconds, repeats)
                 runs.setdefault((n_particles, batch_size, path), []).append(run)
@@ -198,6 +202,7 @@ def build_report(
             "min_seconds": min_seconds,
             "repeats": repeats,
             "processes": processes,
+            "fused_kernel_unavailable": fused_unavailable,
         },
         "cases": cases,
         "matmul": matmul,
@@ -224,6 +229,10 @@ def format_report(report: dict) -> str:
         f"Model: EGNN, {config['num_layers']} layers, width {config['hidden_dim']}, {config['dtype']}, "
         f"norm {config['norm']}. Each case timed for {config['min_seconds']} s, best of {config['repeats']} "
         f"in each of {config['processes']} processes.",
+    ]
+    if config.get("fused_kernel_unavailable"):
+        lines.append(f"The fused path was not measured: {config['fused_kernel_unavailable']}.")
+    lines += [
         "",
         "## Model throughput (graphs/s)",
         "",
@@ -236,7 +245,8 @@ def format_report(report: dict) -> str:
         speedup = case["train_graphs_per_second"] / baseline["train_graphs_per_second"] if baseline else None
         ratio = case["train_ratio_to_reference"]
         path = case["message_passing"]
-        if path == egnn.auto_message_passing((case["batch_size"], case["n_particles"])):
+        fused_fits = config.get("fused_kernel_unavailable") is None
+        if path == egnn.auto_message_passing((case["batch_size"], case["n_particles"]), fused_fits):
             path += " (auto)"
         lines.append(
             f"| {case['n_particles']} | {case['batch_size']} | {path} "

@@ -24,12 +24,15 @@ first layer to ``h`` once per node (:func:`phi_e_node_parts`):
   an axis. The pair stage's gradient is written out by hand
   (:func:`dense_edge_stage`). On CPU the pair work runs one chunk of
   systems at a time, so that its ``[b, N, N, H]`` arrays stay in cache.
+* the fused path is the dense path with its pair stage in one compiled CPU
+  kernel (:mod:`geonorm_jax.cpu_kernel`), which keeps the pair arrays in
+  cache tile by tile.
 
-:class:`EGNN` takes the dense path when the batch has that layout and
-systems of at least :data:`DENSE_MIN_PARTICLES` particles, and the segment
-path otherwise. Both give the same outputs up to float32 rounding. A third,
-naive path (``message_passing="naive"``) is the segment path with phi_e
-applied to the concatenated per-edge input, as in the reference code.
+:class:`EGNN` takes the fused or dense path when the batch has that layout
+and systems of at least :data:`DENSE_MIN_PARTICLES` particles, and the
+segment path otherwise. All give the same outputs up to float32 rounding.
+A fourth, naive path (``message_passing="naive"``) is the segment path with
+phi_e applied to the concatenated per-edge input, as in the reference code.
 """
 
 from __future__ import annotations
@@ -43,11 +46,11 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
-from geonorm_jax import geometry, graphs, norms
+from geonorm_jax import cpu_kernel, geometry, graphs, norms
 
 NORMS = ("none", "layernorm", "scalenorm", "geonorm")
 PLACEMENTS = ("between", "every")
-MESSAGE_PASSING = ("auto", "dense", "segment", "naive")
+MESSAGE_PASSING = ("auto", "fused", "dense", "segment", "naive")
 COORDINATE_CLIP = 100.0
 
 # NOTE: both chosen by measurement, not derived, on a 2-core AMD EPYC (Zen 4,
@@ -66,14 +69,16 @@ CPU_WHOLE_BATCH_BYTES = 2**20
 DENSE_MIN_PARTICLES = 10
 
 
-def auto_message_passing(dense_shape: tuple[int, int] | None) -> str:
+def auto_message_passing(dense_shape: tuple[int, int] | None, fused_fits: bool = False) -> str:
     """Return the path that ``message_passing="auto"`` takes for a batch's ``graphs.dense_shape``.
 
-    ``"dense"`` for a ``(B, N)`` shape with ``N >= DENSE_MIN_PARTICLES``,
-    ``"segment"`` for smaller systems and for batches without that layout.
+    For a ``(B, N)`` shape with ``N >= DENSE_MIN_PARTICLES``, ``"fused"``
+    when ``fused_fits`` (:meth:`EGNN.fused_kernel_problem` is None) and
+    ``"dense"`` otherwise; ``"segment"`` for smaller systems and for batches
+    without that layout.
     """
     if dense_shape is not None and dense_shape[1] >= DENSE_MIN_PARTICLES:
-        return "dense"
+        return "fused" if fused_fits else "dense"
     return "segment"
 
 
@@ -588,6 +593,11 @@ class DenseEGNNLayer(nn.Module):
     under ``jax.lax.map``, one chunk of systems at a time, so that a
     chunk's pair arrays stay in cache through the forward pass and again
     through the backward pass, which computes them once more.
+
+    With ``fused=True`` the pair work runs in the compiled CPU kernel
+    (:func:`geonorm_jax.cpu_kernel.pair_stage`), whole batch at once, and
+    ``chunk_bytes`` is not used. It needs ``norm_diff`` and ``coords_tanh``
+    off, float32 and ``H`` a multiple of 16.
     """
 
     hidden_dim: int
@@ -595,6 +605,7 @@ class DenseEGNNLayer(nn.Module):
     coords_tanh: bool = False
     param_dtype: Any = jnp.float32
     chunk_bytes: int = 0
+    fused: bool = False
 
     @nn.compact
     def __call__(self, h, x, v, edge_attr):
@@ -608,12 +619,15 @@ class DenseEGNNLayer(nn.Module):
         )(hidden)
         weights = PairWeights(kernel_0[2 * feature_dim :], kernel_1, bias_1, *phi_x[0], phi_x[1][0])
         stage = functools.partial(dense_edge_stage, weights, norm_diff=self.norm_diff, coords_tanh=self.coords_tanh)
+        if self.fused:
+            # The kernel tiles the pairs itself, so it takes the whole batch.
+            stage = functools.partial(cpu_kernel.pair_stage, weights)
         receiver_part, sender_part = phi_e_node_parts(h, kernel_0, bias_0)  # [B, N, H] each
         arrays = (receiver_part, sender_part, x, edge_attr)
 
         batch_size, n_particles = x.shape[:2]
         chunk = batch_size
-        if self.chunk_bytes > 0:
+        if self.chunk_bytes > 0 and not self.fused:
             chunk = _chunk_size(batch_size, n_particles, hidden, self.chunk_bytes)
         if chunk == batch_size:
             incoming, shift = stage(*arrays)
@@ -666,10 +680,12 @@ class EGNN(nn.Module):
       edge_input_distance: append the input positions' squared distance to
         the edge attributes, as the reference does.
       param_dtype: dtype of the parameters (float64 for precision checks).
-      message_passing: ``"auto"`` (dense when
+      message_passing: ``"auto"`` (fused, or dense where the fused
+        kernel does not fit (:meth:`fused_kernel_problem`), when
         :func:`geonorm_jax.graphs.dense_shape` matches the batch and
-        ``N >= DENSE_MIN_PARTICLES``, segment otherwise), ``"dense"``
-        (raises on other batches), ``"segment"``, or ``"naive"``: the
+        ``N >= DENSE_MIN_PARTICLES``; segment otherwise), ``"fused"`` or
+        ``"dense"`` (both raise on other batches, and ``"fused"`` where
+        its kernel does not fit), ``"segment"``, or ``"naive"``: the
         segment path with phi_e applied to the concatenated per-edge input,
         line for line the reference code. The naive path is the slowest and
         is kept as the benchmarks' baseline.
@@ -730,8 +746,27 @@ class EGNN(nn.Module):
             return norms.ScaleNorm(kind=self.scalenorm_kind, **common)
         return norms.GeoNorm(sigma=self.sigma, **common)
 
-    def _resolve_message_passing(self, graph: jraph.GraphsTuple) -> tuple[int, int] | None:
-        """Return ``(B, N)`` when the dense path runs, None for the segment path."""
+    def fused_kernel_problem(self, dtype: Any) -> str | None:
+        """Return why the fused CPU kernel cannot run this model on ``dtype`` inputs, or None if it can.
+
+        The kernel runs on the CPU backend, in float32, with ``hidden_dim`` a
+        multiple of 16 and ``norm_diff`` and ``coords_tanh`` off, and where
+        :func:`geonorm_jax.cpu_kernel.unavailable_reason` is None (the first
+        call compiles it).
+        """
+        if jax.default_backend() != "cpu":
+            return f"it runs on the CPU backend, not {jax.default_backend()}"
+        for name, value in (("inputs", dtype), ("param_dtype", self.param_dtype)):
+            if jnp.dtype(value) != jnp.float32:
+                return f"it computes in float32, and the {name} are {jnp.dtype(value)}"
+        if self.hidden_dim % 16:
+            return f"it needs hidden_dim a multiple of 16, not {self.hidden_dim}"
+        if self.norm_diff or self.coords_tanh:
+            return "it does not implement norm_diff or coords_tanh"
+        return cpu_kernel.unavailable_reason()
+
+    def _resolve_message_passing(self, graph: jraph.GraphsTuple) -> tuple[str, tuple[int, int] | None]:
+        """Return the path that runs, and ``(B, N)`` for the fused and dense paths (None otherwise)."""
         if self.message_passing not in MESSAGE_PASSING:
             raise ValueError(
                 f"invalid EGNN message_passing {self.message_passing!r}; expected one of {MESSAGE_PASSING}"
@@ -739,24 +774,37 @@ class EGNN(nn.Module):
         if self.chunk_bytes is not None and self.chunk_bytes < 0:
             raise ValueError(f"invalid EGNN chunk_bytes {self.chunk_bytes}; expected None, 0 or a positive size")
         if self.message_passing in ("segment", "naive"):
-            return None
+            return self.message_passing, None
         shape = graphs.dense_shape(graph)
-        if self.message_passing == "auto" and auto_message_passing(shape) == "segment":
-            return None
-        if shape is None and self.message_passing == "dense":
+        path = self.message_passing
+        if path == "auto":
+            path = auto_message_passing(shape)
+            if path == "dense":  # only then ask, since the first ask compiles the kernel
+                fits = self.fused_kernel_problem(graph.nodes["x"].dtype) is None
+                path = auto_message_passing(shape, fused_fits=fits)
+            return path, (None if path == "segment" else shape)
+        if shape is None:
             raise ValueError(
-                "message_passing='dense' needs a batch in the layout of graphs.build_graphs "
+                f"message_passing={path!r} needs a batch in the layout of graphs.build_graphs "
                 "(n_node = B*N + 1, n_edge = B*N*(N-1) + 1, n_graph = B + 1); "
                 "use message_passing='auto' or 'segment' for other batches"
             )
-        return shape
+        if path == "fused":
+            problem = self.fused_kernel_problem(graph.nodes["x"].dtype)
+            if problem is not None:
+                raise ValueError(
+                    f"message_passing='fused' cannot run: {problem}; use message_passing='dense' or 'auto'"
+                )
+        return path, shape
 
-    def _layer(self, layer: int, dense_shape: tuple[int, int] | None) -> nn.Module:
-        """Return layer ``layer``: dense for a ``(B, N)`` batch shape, segment for None."""
+    def _layer(self, layer: int, path: str, dense_shape: tuple[int, int] | None) -> nn.Module:
+        """Return layer ``layer`` of path ``path``; ``dense_shape`` is ``(B, N)`` for the fused and dense paths."""
         options = dict(
             norm_diff=self.norm_diff, coords_tanh=self.coords_tanh, param_dtype=self.param_dtype, name=f"layer_{layer}"
         )
-        if dense_shape is not None:
+        if path == "fused":
+            return DenseEGNNLayer(self.hidden_dim, fused=True, **options)
+        if path == "dense":
             chunk_bytes = self.chunk_bytes
             if chunk_bytes is None:
                 # Chunks serialize the pair work, which only pays where
@@ -765,7 +813,7 @@ class EGNN(nn.Module):
                 on_cpu = jax.default_backend() == "cpu"
                 chunk_bytes = cpu_chunk_bytes(*dense_shape, self.hidden_dim) if on_cpu else 0
             return DenseEGNNLayer(self.hidden_dim, chunk_bytes=chunk_bytes, **options)
-        return EGNNLayer(self.hidden_dim, phi_e_per_node=self.message_passing != "naive", **options)
+        return EGNNLayer(self.hidden_dim, phi_e_per_node=path != "naive", **options)
 
     def _after_layer(self, layer: int, h, x, mu0, index):
         """Apply the optional feature LayerNorm and coordinate norm that follow layer ``layer``."""
@@ -785,9 +833,9 @@ class EGNN(nn.Module):
     @nn.compact
     def __call__(self, graph: jraph.GraphsTuple) -> jax.Array:
         self._validate(graph)
-        shape = self._resolve_message_passing(graph)
+        path, shape = self._resolve_message_passing(graph)
         if shape is not None:
-            return self._dense_call(graph, *shape)
+            return self._dense_call(graph, path, *shape)
 
         x = graph.nodes["x"]
         v = graph.nodes["v"]
@@ -809,11 +857,11 @@ class EGNN(nn.Module):
         h = Linear(self.hidden_dim, param_dtype=self.param_dtype, name="embedding")(graph.nodes["h"])
 
         for layer in range(self.num_layers):
-            h, x = self._layer(layer, None)(h, x, v, edge_attr, segments)
+            h, x = self._layer(layer, path, None)(h, x, v, edge_attr, segments)
             h, x = self._after_layer(layer, h, x, mu0, index)
         return x
 
-    def _dense_call(self, graph: jraph.GraphsTuple, batch_size: int, n_particles: int) -> jax.Array:
+    def _dense_call(self, graph: jraph.GraphsTuple, path: str, batch_size: int, n_particles: int) -> jax.Array:
         """Run the network on the first ``B * N`` nodes as ``[B, N, ...]`` arrays.
 
         Systems of a ragged batch that hold only padding are zeros here, so
@@ -840,7 +888,7 @@ class EGNN(nn.Module):
         h = Linear(self.hidden_dim, param_dtype=self.param_dtype, name="embedding")(dense(graph.nodes["h"]))
 
         for layer in range(self.num_layers):
-            h, x = self._layer(layer, (batch_size, n_particles))(h, x, v, edge_attr)
+            h, x = self._layer(layer, path, (batch_size, n_particles))(h, x, v, edge_attr)
             h, x = self._after_layer(layer, h, x, mu0, None)
         return jnp.concatenate([x.reshape(n_real, 3), x_all[n_real:]], axis=0)
 
