@@ -10,7 +10,7 @@ import pytest
 
 from geonorm_jax import cpu_kernel, egnn, equivariance, graphs
 
-N = 11  # at least egnn.DENSE_MIN_PARTICLES, so that "auto" considers the fused path
+N = 11  # at least egnn.DENSE_MIN_PARTICLES, so that "auto" falls back to the dense path
 NUM_SYSTEMS = 3
 BATCH_SIZE = 4  # one system of padding, plus the padding graph's extra node
 SMALL = dict(num_layers=2, hidden_dim=16, num_particles=N)
@@ -171,7 +171,18 @@ def test_auto_takes_fused_where_it_fits():
     assert _path(egnn.EGNN(num_layers=2, hidden_dim=8), graph) == "dense"
     assert _path(egnn.EGNN(norm_diff=True, **SMALL), graph) == "dense"
     assert _path(egnn.EGNN(param_dtype=jnp.bfloat16, **SMALL), graph) == "dense"
-    assert _path(egnn.EGNN(**SMALL), _batch(n_particles=egnn.DENSE_MIN_PARTICLES - 1)) == "segment"
+    small_systems = dict(SMALL, num_particles=egnn.FUSED_MIN_PARTICLES)
+    assert _path(egnn.EGNN(**small_systems), _batch(n_particles=egnn.FUSED_MIN_PARTICLES)) == "fused"
+    assert _path(egnn.EGNN(**SMALL), _batch(n_particles=egnn.FUSED_MIN_PARTICLES - 1)) == "segment"
+
+
+def test_auto_message_passing_thresholds():
+    dense_only = egnn.DENSE_MIN_PARTICLES
+    assert egnn.auto_message_passing((2, egnn.FUSED_MIN_PARTICLES), fused_fits=True) == "fused"
+    assert egnn.auto_message_passing((2, egnn.FUSED_MIN_PARTICLES - 1), fused_fits=True) == "segment"
+    assert egnn.auto_message_passing((2, dense_only), fused_fits=False) == "dense"
+    assert egnn.auto_message_passing((2, dense_only - 1), fused_fits=False) == "segment"
+    assert egnn.auto_message_passing(None, fused_fits=True) == "segment"
 
 
 @pytest.mark.parametrize(
