@@ -69,7 +69,7 @@ CPU_WHOLE_BATCH_BYTES = 2**20
 # at N=12 (batches of 50), and 1.26x at N=8 with batches of 100.
 DENSE_MIN_PARTICLES = 10
 
-# NOTE: measured, not derived, on the same machine. The fused path trained
+# NOTE: measured, not derived, on the same 2-core EPYC. The fused path trained
 # N=5 batches of 100 as fast as the segment path (11,300 to 11,900 graphs/s
 # each) and evaluated them 1.05 to 1.4x faster, N=8 batches of 50 1.17x
 # faster, and N=3 batches of 100 8% slower.

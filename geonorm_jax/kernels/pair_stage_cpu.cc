@@ -33,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -587,37 +588,31 @@ ffi::Error PairStageBackwardImpl(
   return ffi::Error::Success();
 }
 
+// The ten inputs that both passes take, in the order of cpu_kernel.py.
+template <typename Binding>
+auto BindPairStageInputs(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::F32>>()  // receiver_part
+      .template Arg<ffi::Buffer<ffi::F32>>()  // sender_part
+      .template Arg<ffi::Buffer<ffi::F32>>()  // x
+      .template Arg<ffi::Buffer<ffi::F32>>()  // edge_attr
+      .template Arg<ffi::Buffer<ffi::F32>>()  // pair_kernel
+      .template Arg<ffi::Buffer<ffi::F32>>()  // phi_e_kernel_1
+      .template Arg<ffi::Buffer<ffi::F32>>()  // phi_e_bias_1
+      .template Arg<ffi::Buffer<ffi::F32>>()  // phi_x_kernel_0
+      .template Arg<ffi::Buffer<ffi::F32>>()  // phi_x_bias_0
+      .template Arg<ffi::Buffer<ffi::F32>>();  // phi_x_kernel_1
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeonormPairStageForward, PairStageForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // receiver_part
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // sender_part
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // edge_attr
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // pair_kernel
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_e_kernel_1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_e_bias_1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_x_kernel_0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_x_bias_0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_x_kernel_1
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // incoming
+                              BindPairStageInputs(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // incoming
                                   .Ret<ffi::Buffer<ffi::F32>>());  // shift
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeonormPairStageBackward, PairStageBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // receiver_part
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // sender_part
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // edge_attr
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // pair_kernel
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_e_kernel_1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_e_bias_1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_x_kernel_0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_x_bias_0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_x_kernel_1
+                              BindPairStageInputs(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
                                   .Arg<ffi::Buffer<ffi::F32>>()  // incoming cotangent
                                   .Arg<ffi::Buffer<ffi::F32>>()  // shift cotangent
                                   .Ret<ffi::Buffer<ffi::F32>>()  // receiver_part
