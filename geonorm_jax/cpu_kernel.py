@@ -6,10 +6,10 @@
 pass and its gradient. It needs Linux on x86-64 with AVX-512 and a C++17
 compiler (``$CXX``, else ``g++``). The first call compiles it, in about 5 s,
 into a cache directory (``$GEONORM_JAX_KERNEL_CACHE``, else
-``~/.cache/geonorm_jax``). The cached library's name is a hash of the
+``$XDG_CACHE_HOME/geonorm_jax``, else ``~/.cache/geonorm_jax``). The cached library's name is a hash of the
 source, the compiler, the jax version and the CPU's flags, so that it is
 not loaded on a CPU it was not built for. Setting
-``GEONORM_JAX_NO_CPU_KERNEL`` turns the kernel off.
+``GEONORM_JAX_NO_CPU_KERNEL=1`` turns the kernel off.
 
 :func:`unavailable_reason` says why the kernel cannot run here (None when
 it can); :class:`geonorm_jax.egnn.EGNN` then takes its XLA dense path.
@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -63,7 +64,8 @@ def cache_dir() -> Path:
     configured = os.environ.get("GEONORM_JAX_KERNEL_CACHE")
     if configured:
         return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "geonorm_jax"
+    # An empty XDG_CACHE_HOME counts as unset, as the XDG specification says.
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geonorm_jax"
 
 
 def _compiler() -> str | None:
@@ -87,6 +89,7 @@ def _compile(compiler: str, library: Path) -> None:
     os.close(descriptor)
     command = [compiler, *COMPILE_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", partial]
     logger.info("compiling the fused CPU pair kernel: %s", " ".join(command))
+    start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         os.unlink(partial)
@@ -94,13 +97,14 @@ def _compile(compiler: str, library: Path) -> None:
             f"{compiler} failed to compile {SOURCE.name} (exit {result.returncode}):\n{result.stderr[-2000:]}"
         )
     os.replace(partial, library)
+    logger.info("compiled %s in %.1f s", library, time.perf_counter() - start)
 
 
 @functools.cache
 def _load() -> None:
     """Build (or find in the cache), load and register the kernel, or raise KernelUnavailable."""
-    if os.environ.get(DISABLE_VARIABLE):
-        raise KernelUnavailable(f"{DISABLE_VARIABLE} is set")
+    if os.environ.get(DISABLE_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on"):
+        raise KernelUnavailable(f"{DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]} turns it off")
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         raise KernelUnavailable(f"it needs Linux on x86-64, not {platform.system()} on {platform.machine()}")
     cpu_flags = _cpu_flags()
@@ -133,7 +137,7 @@ def unavailable_reason() -> str | None:
     try:
         _load()
     except KernelUnavailable as error:
-        logger.warning("fused CPU pair kernel unavailable, using the XLA dense path: %s", error)
+        logger.warning("fused CPU pair kernel unavailable, so EGNN runs its XLA paths: %s", error)
         return str(error)
     return None
 

@@ -768,9 +768,9 @@ class EGNN(nn.Module):
         """
         if jax.default_backend() != "cpu":
             return f"it runs on the CPU backend, not {jax.default_backend()}"
-        for name, value in (("inputs", dtype), ("param_dtype", self.param_dtype)):
+        for name, value in (("input dtype", dtype), ("param_dtype", self.param_dtype)):
             if jnp.dtype(value) != jnp.float32:
-                return f"it computes in float32, and the {name} are {jnp.dtype(value)}"
+                return f"it computes in float32, but the {name} is {jnp.dtype(value)}"
         if self.hidden_dim % 16:
             return f"it needs hidden_dim a multiple of 16, not {self.hidden_dim}"
         if self.norm_diff or self.coords_tanh:

@@ -237,8 +237,13 @@ def test_equivariant_float64(config):
 def test_equivariant_with_all_options():
     config = dict(norm="geonorm", norm_mode="adaptive", norm_diff=True, coords_tanh=True, h_layernorm=True)
     errors = _relative_errors(config, "float32")
+    # NOTE: the bound is 3e-5, not 1e-5, from measurement: the same test's
+    # translation error ranged from 1.2e-6 to 1.02e-5 between identical runs
+    # on a 2-core CPU (jax 0.10.2), as XLA's float32 results varied in their
+    # last bits. A broken transform gives errors of order 1 (see the
+    # LayerNorm and ScaleNorm tests below).
     for kind, error in errors.items():
-        assert error < 1e-5, f"{kind} error {error:.2e}"
+        assert error < 3e-5, f"{kind} error {error:.2e}"
 
 
 @pytest.mark.parametrize("kind", ["l2", "rms"])

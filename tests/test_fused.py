@@ -1,6 +1,7 @@
 """Tests of the fused CPU pair kernel: agreement with the XLA paths, equivariance, path choice, build failures."""
 
 import functools
+from pathlib import Path
 
 import chex
 import jax
@@ -126,6 +127,20 @@ def test_pair_stage_under_vmap_matches_loop():
         _assert_trees_close(one, grad(*inputs), rtol=1e-6, atol=1e-7, label=f"set {index}")
 
 
+def test_pair_stage_gradients_reproducible():
+    """Threads share the systems differently from run to run; the weight gradients must not change."""
+    inputs = _pair_stage_inputs(5, 40, 9, 32, 2, 1.0)
+    _, vjp = jax.vjp(cpu_kernel.pair_stage, *inputs)
+    rng = np.random.default_rng(2)
+    cotangents = (
+        jnp.asarray(rng.normal(size=(40, 9, 32)), jnp.float32),
+        jnp.asarray(rng.normal(size=(40, 9, 3)), jnp.float32),
+    )
+    first = vjp(cotangents)
+    for _ in range(10):
+        chex.assert_trees_all_equal(vjp(cotangents), first)
+
+
 # --- The model on the fused path ----------------------------------------------------------
 
 
@@ -243,3 +258,16 @@ def test_build_is_cached(fresh_kernel_state):
     cpu_kernel.unavailable_reason.cache_clear()
     assert cpu_kernel.unavailable_reason() is None
     assert libraries[0].stat().st_mtime_ns == built
+
+
+def test_disable_variable_zero_keeps_kernel(fresh_kernel_state, monkeypatch):
+    monkeypatch.setenv(cpu_kernel.DISABLE_VARIABLE, "0")
+    assert cpu_kernel.unavailable_reason() is None
+
+
+def test_cache_dir_ignores_empty_xdg_cache_home(monkeypatch):
+    monkeypatch.delenv("GEONORM_JAX_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert cpu_kernel.cache_dir() == Path.home() / ".cache" / "geonorm_jax"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/tmp/xdg")
+    assert cpu_kernel.cache_dir() == Path("/tmp/xdg/geonorm_jax")

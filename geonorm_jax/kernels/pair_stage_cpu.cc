@@ -251,7 +251,7 @@ struct Problem {
   Weights w;
 };
 
-// Weight gradients of one worker, summed over the systems it took.
+// Weight gradients of one chunk of systems.
 struct WeightGrads {
   std::vector<float> pair_kernel, kernel_e1, bias_e1, kernel_x0, bias_x0, kernel_x1;
   WeightGrads(int64_t h, int64_t attrs)
@@ -436,13 +436,27 @@ void BackwardSystem(const Problem& pr, int64_t b, const float* incoming_grad, co
 
 // ---- Work sharing over XLA's intra-op thread pool ------------------------------
 
-// Runs body(worker, system) for every system, on the calling thread and on
-// workers - 1 pool tasks. worker, from 0 to workers - 1, indexes per-worker
-// state. Systems are taken from a shared counter, and the caller waits only
-// for systems that were taken. So a task that starts late finds none left
-// and returns at once.
+// The systems are split into chunks of consecutive systems, and each chunk
+// sums its own weight gradients. Which thread takes a chunk varies from run
+// to run, but the sums do not, so a training run is reproducible to the bit.
+// Sixteen chunks per worker keep the threads within about one small chunk
+// of each other at the end. The count depends on the pool's size, so the
+// sums are the same from run to run on one machine, not across machines.
+struct Chunks {
+  Chunks(int64_t systems, int workers) : systems(systems), count(std::min<int64_t>(systems, 16 * workers)) {}
+  int64_t begin(int64_t chunk) const { return chunk * systems / count; }
+  int64_t end(int64_t chunk) const { return (chunk + 1) * systems / count; }
+  int64_t systems, count;
+};
+
+// Runs body(worker, chunk) for every chunk, on the calling thread and on
+// workers - 1 pool tasks. worker, from 0 to workers - 1, indexes per-thread
+// scratch. Chunks are taken from a shared counter, and the caller waits only
+// for chunks that were taken. So a task that starts late finds none left
+// and returns at once, and the caller never waits for a task that has not
+// started.
 template <typename Body>
-void ForEachSystem(ffi::ThreadPool& pool, int64_t systems, int workers, Body body) {
+void ForEachChunk(ffi::ThreadPool& pool, int64_t chunks, int workers, Body body) {
   struct Shared {
     std::atomic<int64_t> next{0};
     std::atomic<int> next_worker{1};
@@ -451,10 +465,10 @@ void ForEachSystem(ffi::ThreadPool& pool, int64_t systems, int workers, Body bod
     int64_t done = 0;
   };
   auto shared = std::make_shared<Shared>();
-  const int64_t total = systems;
+  const int64_t total = chunks;
   auto run = [shared, total, &body](int worker) {
     int64_t taken = 0;
-    for (int64_t b; (b = shared->next.fetch_add(1)) < total; ++taken) body(worker, b);
+    for (int64_t chunk; (chunk = shared->next.fetch_add(1)) < total; ++taken) body(worker, chunk);
     if (taken > 0) {
       std::lock_guard<std::mutex> lock(shared->mutex);
       shared->done += taken;
@@ -463,7 +477,7 @@ void ForEachSystem(ffi::ThreadPool& pool, int64_t systems, int workers, Body bod
   };
   for (int k = 1; k < workers; ++k) {
     // `body` lives on the caller's stack. A task only calls it after taking a
-    // system, and the caller returns only once every taken system is done.
+    // chunk, and the caller returns only once every taken chunk is done.
     pool.Schedule([shared, run]() mutable {
       const int worker = shared->next_worker.fetch_add(1);
       run(worker);
@@ -533,8 +547,11 @@ ffi::Error PairStageForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rece
   for (int k = 0; k < workers; ++k) tiles.emplace_back(pr.hidden);
   float* incoming_out = incoming->typed_data();
   float* shift_out = shift->typed_data();
-  ForEachSystem(pool, pr.systems, workers,
-                [&](int worker, int64_t b) { ForwardSystem(pr, b, tiles[worker], incoming_out, shift_out); });
+  const Chunks chunks(pr.systems, workers);
+  ForEachChunk(pool, chunks.count, workers, [&](int worker, int64_t chunk) {
+    for (int64_t b = chunks.begin(chunk); b < chunks.end(chunk); ++b)
+      ForwardSystem(pr, b, tiles[worker], incoming_out, shift_out);
+  });
   return ffi::Error::Success();
 }
 
@@ -558,21 +575,21 @@ ffi::Error PairStageBackwardImpl(
   pr.w.kernel_e1_t = Transpose(pr.w.kernel_e1, h);
   pr.w.kernel_x0_t = Transpose(pr.w.kernel_x0, h);
   const int workers = WorkerCount(pool, pr.systems);
+  const Chunks chunks(pr.systems, workers);
   std::vector<TileBuffers> tiles;
+  for (int k = 0; k < workers; ++k) tiles.emplace_back(h);
   std::vector<WeightGrads> grads;
-  for (int k = 0; k < workers; ++k) {
-    tiles.emplace_back(h);
-    grads.emplace_back(h, pr.attrs);
-  }
+  for (int64_t chunk = 0; chunk < chunks.count; ++chunk) grads.emplace_back(h, pr.attrs);
   const NodeGrads node_grads{receiver_grad->typed_data(), sender_grad->typed_data(), x_grad->typed_data(),
                              edge_attr_grad->typed_data()};
   const float* incoming_grad_in = incoming_grad.typed_data();
   const float* shift_grad_in = shift_grad.typed_data();
-  ForEachSystem(pool, pr.systems, workers, [&](int worker, int64_t b) {
-    BackwardSystem(pr, b, incoming_grad_in, shift_grad_in, tiles[worker], grads[worker], node_grads);
+  ForEachChunk(pool, chunks.count, workers, [&](int worker, int64_t chunk) {
+    for (int64_t b = chunks.begin(chunk); b < chunks.end(chunk); ++b)
+      BackwardSystem(pr, b, incoming_grad_in, shift_grad_in, tiles[worker], grads[chunk], node_grads);
   });
 
-  // Sum the workers' weight gradients.
+  // Sum the chunks' weight gradients, in chunk order.
   auto reduce = [&](std::vector<float> WeightGrads::*field, float* out) {
     const size_t size = (grads[0].*field).size();
     std::fill(out, out + size, 0.0f);
