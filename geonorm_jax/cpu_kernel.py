@@ -11,8 +11,9 @@ source, the compiler, the jax version and the CPU's flags, so that it is
 not loaded on a CPU it was not built for. Setting
 ``GEONORM_JAX_NO_CPU_KERNEL=1`` turns the kernel off.
 
-:func:`unavailable_reason` says why the kernel cannot run here (None when
-it can); :class:`geonorm_jax.egnn.EGNN` then takes its XLA dense path.
+:func:`unavailable_reason` returns why the kernel cannot run here, or None
+when it can. Where it cannot, :class:`geonorm_jax.egnn.EGNN` takes its XLA
+dense or segment path.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def cache_dir() -> Path:
     configured = os.environ.get("GEONORM_JAX_KERNEL_CACHE")
     if configured:
         return Path(configured)
-    # An empty XDG_CACHE_HOME counts as unset, as the XDG specification says.
+    # An empty XDG_CACHE_HOME counts as unset, so the cache never lands in the working directory.
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geonorm_jax"
 
 
