@@ -5,11 +5,11 @@
 ``[B, N, N, H]`` array reaches memory, as two XLA FFI handlers: the forward
 pass and its gradient. It needs Linux on x86-64 with AVX-512 and a C++17
 compiler (``$CXX``, else ``g++``). The first call compiles it, in about 5 s,
-into a cache directory (``$GEONORM_JAX_KERNEL_CACHE``, else
-``$XDG_CACHE_HOME/geonorm_jax``, else ``~/.cache/geonorm_jax``). The cached library's name is a hash of the
-source, the compiler, the jax version and the CPU's flags, so that it is
-not loaded on a CPU it was not built for. Setting
-``GEONORM_JAX_NO_CPU_KERNEL=1`` turns the kernel off.
+into a cache directory: ``$GEONORM_JAX_KERNEL_CACHE``, else
+``$XDG_CACHE_HOME/geonorm_jax``, else ``~/.cache/geonorm_jax``. The cached
+library's name is a hash of the source, the compiler, the jax version and
+the CPU's flags, so that it is not loaded on a CPU it was not built for.
+Setting ``GEONORM_JAX_NO_CPU_KERNEL=1`` turns the kernel off.
 
 :func:`unavailable_reason` returns why the kernel cannot run here, or None
 when it can. Where it cannot, :class:`geonorm_jax.egnn.EGNN` takes its XLA
