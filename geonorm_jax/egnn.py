@@ -630,10 +630,13 @@ class DenseEGNNLayer(nn.Module):
             hidden, 1, final_bias=False, final_kernel_init=xavier_uniform_init(0.001), param_dtype=dtype, name="phi_x"
         )(hidden)
         weights = PairWeights(kernel_0[2 * feature_dim :], kernel_1, bias_1, *phi_x[0], phi_x[1][0])
-        stage = functools.partial(dense_edge_stage, weights, norm_diff=self.norm_diff, coords_tanh=self.coords_tanh)
         if self.fused:
             # The kernel tiles the pairs itself, so it takes the whole batch.
             stage = functools.partial(cpu_kernel.pair_stage, weights)
+        else:
+            stage = functools.partial(
+                dense_edge_stage, weights, norm_diff=self.norm_diff, coords_tanh=self.coords_tanh
+            )
         receiver_part, sender_part = phi_e_node_parts(h, kernel_0, bias_0)  # [B, N, H] each
         arrays = (receiver_part, sender_part, x, edge_attr)
 

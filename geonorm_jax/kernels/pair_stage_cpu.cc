@@ -85,9 +85,11 @@ inline __m512 Sigmoid(__m512 u) {
   return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, one), r);
 }
 
+// a . b over n floats. Unaligned loads, because b may be a row of an XLA
+// buffer, whose alignment this file does not control.
 inline float Dot(const float* a, const float* b, int n) {
   __m512 sum = _mm512_setzero_ps();
-  for (int k = 0; k < n; k += 16) sum = _mm512_fmadd_ps(_mm512_load_ps(a + k), _mm512_load_ps(b + k), sum);
+  for (int k = 0; k < n; k += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), sum);
   return _mm512_reduce_add_ps(sum);
 }
 
@@ -381,8 +383,9 @@ void BackwardSystem(const Problem& pr, int64_t b, const float* incoming_grad, co
     const int count = static_cast<int>(std::min<int64_t>(kTile, pairs - first));
     TileForward(pr, b, first, count, true, t);
 
-    // Coordinate update: shift_i = mean sum_j clip(diff_ij w_ij); clip passes
-    // the gradient strictly inside its bounds, as lax.clamp does.
+    // Coordinate update: shift_i = mean sum_j clip(diff_ij w_ij). The clip
+    // passes the gradient only strictly inside its bounds, so a product of
+    // exactly +-100 gets none.
     for (int p = 0; p < count; ++p) {
       const int i = t.receiver[p];
       const float w = t.edge_weight[p];
